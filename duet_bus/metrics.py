@@ -1,0 +1,61 @@
+"""Ranking and classification metrics, pure numpy.
+
+Scores come as ``(N, K)`` arrays with the positive in column 0 and K-1 sampled
+negatives after it (one row per user for validation and test).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve over all pairs; ties count one half."""
+    labels = np.asarray(labels, dtype=bool).ravel()
+    scores = np.asarray(scores, dtype=np.float64).ravel()
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUC needs at least one positive and one negative")
+    order = np.argsort(scores, kind="mergesort")
+    sorted_scores = scores[order]
+    ranks = np.empty(len(scores), np.float64)
+    # Average rank over each group of tied scores.
+    _, first, counts = np.unique(sorted_scores, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[labels].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def positive_rank(scores: np.ndarray) -> np.ndarray:
+    """1-based rank of column 0 in each row; ties with negatives rank it lower."""
+    return 1 + (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
+
+
+def group_auc(scores: np.ndarray) -> float:
+    """User-averaged AUC (GAUC): each row's share of negatives ranked below the positive."""
+    pos = scores[:, :1]
+    neg = scores[:, 1:]
+    per_row = ((neg < pos).sum(1) + 0.5 * (neg == pos).sum(1)) / neg.shape[1]
+    return float(per_row.mean())
+
+
+def log_loss(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Mean binary cross-entropy of sigmoid(scores), computed stably from logits."""
+    z = np.asarray(scores, np.float64).ravel()
+    y = np.asarray(labels, np.float64).ravel()
+    return float(np.mean(np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))))
+
+
+def ranking_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:
+    """AUC, GAUC, NDCG@k, HR@k and log-loss of ``(N, K)`` scores, positive first."""
+    labels = np.zeros(scores.shape, dtype=bool)
+    labels[:, 0] = True
+    rank = positive_rank(scores)
+    hit = rank <= k
+    return {
+        "auc": auc(labels, scores),
+        "gauc": group_auc(scores),
+        f"ndcg{k}": float(np.where(hit, 1.0 / np.log2(rank + 1), 0.0).mean()),
+        f"hr{k}": float(hit.mean()),
+        "logloss": log_loss(labels, scores),
+    }

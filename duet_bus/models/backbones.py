@@ -1,0 +1,153 @@
+"""The static layers: three recommendation backbones.
+
+Each backbone turns a click history and candidate targets into the input of
+the dynamic layers, and the dynamic layers' output into one logit per target.
+Sizes follow the authors' public code (32-d embeddings): SASRec and GRU4Rec
+score a target by the dot product of a 32->32->32 user head (the dynamic
+layers) with a static 32->32->32 target tower; DIN runs target attention over
+the history and an MLP 64->128->64->1 (the dynamic layers). Unlike that code,
+padding is masked everywhere.
+
+``summarize`` is the shared encoder body that the generator (PPG) puts in
+front of its neck: it encodes the device's real-time clicks with the same
+embeddings the backbone learns.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from duet_bus.errors import ConfigError
+
+BACKBONES = ("din", "sasrec", "gru4rec")
+
+
+def _last_valid(states: Tensor, lengths: Tensor) -> Tensor:
+    """The state at position ``length - 1`` of each left-aligned sequence."""
+    index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, states.size(-1))
+    return states.gather(1, index).squeeze(1)
+
+
+def _masked_mean(emb: Tensor, lengths: Tensor) -> Tensor:
+    mask = torch.arange(emb.size(1), device=emb.device)[None, :] < lengths[:, None]
+    total = (emb * mask.unsqueeze(-1)).sum(1)
+    return total / lengths.clamp(min=1).unsqueeze(-1).to(emb.dtype)
+
+
+class Backbone(nn.Module):
+    """Interface of the static layers (see the module docstring)."""
+
+    #: (in, out) of each dynamic layer, ReLU between them, none after the last.
+    dynamic_shapes: tuple[tuple[int, int], ...]
+
+    def __init__(self, n_items: int, history_len: int, dim: int, dropout: float) -> None:
+        super().__init__()
+        self.dim = dim
+        self.history_len = history_len
+        self.item_emb = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        nn.init.normal_(self.item_emb.weight, std=dim**-0.5)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+        self.dropout = nn.Dropout(dropout)
+
+    def features(self, history: Tensor, history_len: Tensor, targets: Tensor) -> Tensor:
+        """Input of the dynamic layers: ``(B, F)`` or ``(B, K, F)``."""
+        raise NotImplementedError
+
+    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
+        """Logits ``(B, K)`` from the dynamic layers' output."""
+        raise NotImplementedError
+
+    def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
+        """``(B, dim)`` summary of the real-time clicks, the generator's input."""
+        raise NotImplementedError
+
+
+class _TowerScored(Backbone):
+    """Backbones whose score is <user head(state), target tower(target)>."""
+
+    def __init__(self, n_items: int, history_len: int, dim: int, dropout: float) -> None:
+        super().__init__(n_items, history_len, dim, dropout)
+        self.dynamic_shapes = ((dim, dim), (dim, dim))
+        self.target_tower = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+
+    def encode(self, seq: Tensor, lengths: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def features(self, history: Tensor, history_len: Tensor, targets: Tensor) -> Tensor:
+        return self.encode(history, history_len)
+
+    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
+        tower = self.target_tower(self.item_emb(targets))
+        return torch.einsum("bd,bkd->bk", out, tower)
+
+    def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
+        return self.encode(realtime, realtime_len)
+
+
+class SASRec(_TowerScored):
+    """Item + position embedding, one causal transformer encoder layer (4 heads, ff 128)."""
+
+    def __init__(self, n_items: int, history_len: int = 10, dim: int = 32, dropout: float = 0.1) -> None:
+        super().__init__(n_items, history_len, dim, dropout)
+        self.pos_emb = nn.Embedding(history_len, dim)
+        self.layer = nn.TransformerEncoderLayer(
+            dim, nhead=4, dim_feedforward=128, dropout=dropout, batch_first=True
+        )
+        causal = torch.triu(torch.ones(history_len, history_len, dtype=torch.bool), diagonal=1)
+        self.register_buffer("causal", causal, persistent=False)
+
+    def encode(self, seq: Tensor, lengths: Tensor) -> Tensor:
+        steps = seq.size(1)
+        positions = torch.arange(steps, device=seq.device)
+        x = self.dropout(self.item_emb(seq) + self.pos_emb(positions)[None])
+        # Left-aligned: query i sees keys <= i, all real for i < length, so no
+        # row is fully masked; padded queries are never read.
+        states = self.layer(x, src_mask=self.causal[:steps, :steps], src_key_padding_mask=seq == 0)
+        return _last_valid(states, lengths)
+
+
+class GRU4Rec(_TowerScored):
+    """One GRU(32, 32) over the history, state at the last valid position."""
+
+    def __init__(self, n_items: int, history_len: int = 10, dim: int = 32, dropout: float = 0.1) -> None:
+        super().__init__(n_items, history_len, dim, dropout)
+        self.gru = nn.GRU(dim, dim, batch_first=True)
+
+    def encode(self, seq: Tensor, lengths: Tensor) -> Tensor:
+        states, _ = self.gru(self.dropout(self.item_emb(seq)))
+        return _last_valid(states, lengths)
+
+
+class DIN(Backbone):
+    """Target attention over the history; [pooled, target] -> MLP 64->128->64->1."""
+
+    def __init__(self, n_items: int, history_len: int = 10, dim: int = 32, dropout: float = 0.1) -> None:
+        super().__init__(n_items, history_len, dim, dropout)
+        self.dynamic_shapes = ((2 * dim, 128), (128, 64), (64, 1))
+        self.attention = nn.Sequential(nn.Linear(4 * dim, 36), nn.ReLU(), nn.Linear(36, 1))
+
+    def features(self, history: Tensor, history_len: Tensor, targets: Tensor) -> Tensor:
+        hist = self.dropout(self.item_emb(history))  # (B, L, d)
+        target = self.item_emb(targets)  # (B, K, d)
+        h = hist.unsqueeze(1).expand(-1, target.size(1), -1, -1)  # (B, K, L, d)
+        t = target.unsqueeze(2).expand_as(h)
+        score = self.attention(torch.cat([h, t, h - t, h * t], dim=-1)).squeeze(-1)  # (B, K, L)
+        mask = (history == 0).unsqueeze(1)
+        weight = torch.softmax(score.masked_fill(mask, float("-inf")), dim=-1)
+        pooled = torch.einsum("bkl,bld->bkd", weight, hist)
+        return torch.cat([pooled, target], dim=-1)
+
+    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
+        return out.squeeze(-1)
+
+    def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
+        return _masked_mean(self.item_emb(realtime), realtime_len)
+
+
+def make_backbone(name: str, n_items: int, history_len: int, dim: int = 32, dropout: float = 0.1) -> Backbone:
+    classes = {"din": DIN, "sasrec": SASRec, "gru4rec": GRU4Rec}
+    if name not in classes:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
+    return classes[name](n_items, history_len=history_len, dim=dim, dropout=dropout)
