@@ -1,0 +1,85 @@
+"""Save and load a trained model with everything needed to rebuild it.
+
+A checkpoint carries its ``model_version`` (backbone, method and a digest of
+the weights): the cloud stamps it on every reply and the device checks that
+the weights it receives fit the static layers it holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from duet_bus.data.prep import PrepConfig
+from duet_bus.data.sessions import SessionConfig
+from duet_bus.errors import CheckpointError
+from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
+
+FORMAT = "duet-bus-checkpoint/1"
+
+
+@dataclass
+class Checkpoint:
+    model: RecModel
+    model_version: str
+    dataset: str
+    prep: PrepConfig
+    n_items: int
+
+
+def model_version(model: RecModel) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return f"{model.config.backbone}-{model.config.method}-{digest.hexdigest()[:10]}"
+
+
+def save(path: str | Path, model: RecModel, dataset: str, prep: PrepConfig, n_items: int) -> str:
+    """Write the checkpoint; return its model version."""
+    version = model_version(model)
+    config = asdict(model.config)
+    torch.save(
+        {
+            "format": FORMAT,
+            "model_version": version,
+            "dataset": dataset,
+            "model_config": config,
+            "prep_config": asdict(prep),
+            "n_items": n_items,
+            "state_dict": model.state_dict(),
+        },
+        Path(path),
+    )
+    return version
+
+
+def load(path: str | Path) -> Checkpoint:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint; make one with `duet train`")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a corrupt file
+        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not a duet-bus checkpoint (format {FORMAT} expected)")
+    cfg = dict(blob["model_config"])
+    cfg["ppg"] = PPGConfig(**cfg["ppg"]) if cfg["ppg"] else None
+    model_config = ModelConfig(**cfg)
+    prep_cfg = dict(blob["prep_config"])
+    prep_cfg["sessions"] = SessionConfig(**prep_cfg["sessions"])
+    prep = PrepConfig(**prep_cfg)
+    model = build_model(model_config, blob["n_items"], prep.history_len)
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit the model they describe: {exc}") from exc
+    model.eval()
+    version = model_version(model)
+    if version != blob["model_version"]:
+        raise CheckpointError(f"{path}: weights digest {version} differs from the recorded {blob['model_version']}")
+    return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"])

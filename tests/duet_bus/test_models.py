@@ -1,0 +1,122 @@
+import numpy as np
+import pytest
+import torch
+
+from duet_bus import checkpoint
+from duet_bus.errors import CheckpointError, ConfigError
+from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
+from duet_bus.models.dynamic import apply_dynamic
+from duet_bus.models.swa import mix, swa_weights
+from duet_bus.train import TrainConfig, predict, tensors, train_model
+
+
+def batch(n_items=30, b=6, length=5, k=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, length + 1, (b,), generator=g)
+    seq = torch.randint(1, n_items + 1, (b, length), generator=g)
+    seq[torch.arange(length)[None, :] >= lengths[:, None]] = 0
+    return seq, lengths, torch.randint(1, n_items + 1, (b, k), generator=g)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("ppg", [None, PPGConfig(n_generators=1), PPGConfig(n_generators=3)])
+def test_shapes_and_batched_generation_equals_one_by_one(backbone, ppg):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, ppg=ppg), n_items=30, history_len=5).eval()
+    seq, lengths, targets = batch()
+    with torch.no_grad():
+        logits = model(seq, lengths, seq, lengths, targets)
+        assert logits.shape == (6, 4)
+        single = torch.cat([model(seq[i : i + 1], lengths[i : i + 1], seq[i : i + 1], lengths[i : i + 1],
+                                  targets[i : i + 1]) for i in range(6)])
+    assert torch.allclose(logits, single, atol=1e-5)
+
+
+def test_apply_dynamic_matches_a_python_loop():
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, 8)
+    weights = [(torch.randn(5, 8, 4), torch.randn(5, 4)), (torch.randn(5, 4, 2), torch.randn(5, 2))]
+    out = apply_dynamic(x, weights)
+    for i in range(5):
+        h = torch.relu(x[i] @ weights[0][0][i] + weights[0][1][i])
+        assert torch.allclose(out[i], h @ weights[1][0][i] + weights[1][1][i], atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_padding_does_not_leak_into_sequence_state(backbone):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone), n_items=30, history_len=5).eval()
+    seq = torch.tensor([[3, 4, 0, 0, 0]])
+    full = torch.tensor([[3, 4, 9, 9, 9]])  # same prefix, other items after the length
+    n = torch.tensor([2])
+    with torch.no_grad():
+        assert torch.allclose(model.backbone.encode(seq, n), model.backbone.encode(full, n), atol=1e-6)
+
+
+def test_swa_weights_are_a_tempered_softmax_of_similarity_row_sums():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, 5)
+    p = swa_weights(w, tau=0.5, detach=False)
+    flat = w.flatten(1)
+    rows = (flat @ flat.T).sum(1)
+    assert rows.sum() >= 0  # sum of S is ||sum_i W_i||^2
+    assert torch.allclose(p, torch.softmax(rows / (0.5 * rows.sum()), 0))
+    assert torch.allclose(mix(w, p), sum(p[i] * w[i] for i in range(4)))
+    assert torch.allclose(swa_weights(w[:1], 0.1, True), torch.ones(1))
+
+
+def test_detached_p_blocks_gradient_through_the_mixing_weights():
+    w = torch.randn(3, 4, requires_grad=True)
+    p = swa_weights(w, 0.1, detach=True)
+    assert not p.requires_grad
+    assert swa_weights(w, 0.1, detach=False).requires_grad
+
+
+def test_generator_heads_are_registered_trained_and_checkpointed(tiny, tmp_path):
+    config = ModelConfig(backbone="gru4rec", ppg=PPGConfig(n_generators=3))
+    torch.manual_seed(0)
+    before = build_model(config, tiny.n_items, tiny.config.history_len).state_dict()
+    gen_keys = [k for k in before if k.startswith("head.generators.")]
+    assert {k.split(".")[-1] for k in gen_keys} == {"w1", "b1", "w2", "b2", "wb", "bb"}
+    result = train_model(tiny, config, TrainConfig(epochs=2, batch_size=64, patience=5), seed=0)
+    after = result.model.state_dict()
+    for key in gen_keys:
+        assert not torch.equal(before[key], after[key]), f"{key} did not train"
+
+    path = tmp_path / "model.pt"
+    version = checkpoint.save(path, result.model, "ml-100k", tiny.config, tiny.n_items)
+    loaded = checkpoint.load(path)
+    assert loaded.model_version == version
+    test = tiny.eval_samples("test")
+    assert np.array_equal(predict(result.model, test), predict(loaded.model, test))
+
+
+def test_checkpoint_errors_name_the_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
+        checkpoint.load(tmp_path / "missing.pt")
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        checkpoint.load(bad)
+
+
+def test_training_selects_on_validation_and_never_reads_test(tiny, monkeypatch):
+    original = type(tiny).eval_samples
+
+    def guarded(self, split, users=None):
+        assert split != "test", "training read the test split"
+        return original(self, split, users)
+
+    monkeypatch.setattr(type(tiny), "eval_samples", guarded)
+    result = train_model(tiny, ModelConfig(backbone="sasrec"), TrainConfig(epochs=3, batch_size=64), seed=1)
+    assert result.best_valid_auc == max(e.valid_auc for e in result.log)
+    assert result.log[result.best_epoch - 1].valid_auc == result.best_valid_auc
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="model.ppg.n_generators"):
+        PPGConfig(n_generators=0)
+    with pytest.raises(ConfigError, match="train.gamma"):
+        TrainConfig(gamma=0)
+    with pytest.raises(ConfigError, match="model.backbone"):
+        build_model(ModelConfig(backbone="bert"), 10, 5)
