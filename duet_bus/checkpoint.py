@@ -13,10 +13,12 @@ from pathlib import Path
 
 import torch
 
-from duet_bus.data.prep import PrepConfig
+from duet_bus.data.prep import PrepConfig, Prepared
 from duet_bus.data.sessions import SessionConfig
 from duet_bus.errors import CheckpointError
-from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
+from duet_bus.models import LayerWeights, ModelConfig, PPGConfig, RecModel, build_model
+from duet_bus.protocol import ModelSpec
+from duet_bus.train import tensors
 
 FORMAT = "duet-bus-checkpoint/1"
 
@@ -28,6 +30,28 @@ class Checkpoint:
     dataset: str
     prep: PrepConfig
     n_items: int
+    global_layers: LayerWeights  # the fallback classifier when generated weights do not arrive
+
+    @property
+    def spec(self) -> ModelSpec:
+        return ModelSpec(self.model_version, self.n_items, self.prep.history_len,
+                         tuple(self.model.backbone.dynamic_shapes))
+
+
+@torch.inference_mode()
+def global_layers(model: RecModel, prepared: Prepared) -> LayerWeights:
+    """The global classifier of a model.
+
+    For the base model it is its classifier. For DUET it is the mean of the
+    weights generated for every device's validation session: what the cloud
+    would send a device it knows nothing about.
+    """
+    if not model.generative:
+        return [(w.detach().clone(), b.detach().clone()) for w, b in model.head.layer_weights()]
+    model.eval()
+    x = tensors(prepared.eval_samples("valid"))
+    weights = model.weights_for(x["realtime"], x["realtime_len"])
+    return [(w.mean(0), b.mean(0)) for w, b in weights]
 
 
 def model_version(model: RecModel) -> str:
@@ -38,7 +62,7 @@ def model_version(model: RecModel) -> str:
     return f"{model.config.backbone}-{model.config.method}-{digest.hexdigest()[:10]}"
 
 
-def save(path: str | Path, model: RecModel, dataset: str, prep: PrepConfig, n_items: int) -> str:
+def save(path: str | Path, model: RecModel, prepared: Prepared) -> str:
     """Write the checkpoint; return its model version."""
     version = model_version(model)
     config = asdict(model.config)
@@ -46,11 +70,12 @@ def save(path: str | Path, model: RecModel, dataset: str, prep: PrepConfig, n_it
         {
             "format": FORMAT,
             "model_version": version,
-            "dataset": dataset,
+            "dataset": prepared.name,
             "model_config": config,
-            "prep_config": asdict(prep),
-            "n_items": n_items,
+            "prep_config": asdict(prepared.config),
+            "n_items": prepared.n_items,
             "state_dict": model.state_dict(),
+            "global_layers": [[w, b] for w, b in global_layers(model, prepared)],
         },
         Path(path),
     )
@@ -82,4 +107,5 @@ def load(path: str | Path) -> Checkpoint:
     version = model_version(model)
     if version != blob["model_version"]:
         raise CheckpointError(f"{path}: weights digest {version} differs from the recorded {blob['model_version']}")
-    return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"])
+    layers = [(w, b) for w, b in blob["global_layers"]]
+    return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers)

@@ -17,7 +17,7 @@ from rich.console import Console
 from duet_bus.errors import DuetError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -25,13 +25,17 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder); ML-100k is bundled")
     p.add_argument("--backbone", default="sasrec", choices=["din", "sasrec", "gru4rec"])
     p.add_argument("--epochs", type=int, default=30, help="at most; early stopping on validation AUC")
-    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--patience", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=256, help="groups (1 positive + 4 negatives) per step")
     p.add_argument("--gamma", type=float, default=1.0, help="session weighting gamma^t (1 = uniform)")
+    p.add_argument("--history-len", type=int, default=10, help="L: history and real-time samples per session")
+    p.add_argument("--eval-negatives", type=int, default=100, help="sampled negatives per test target")
     p.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
     p.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
 
 
 def _eval_config(args: argparse.Namespace):
+    from duet_bus.data.prep import PrepConfig
     from duet_bus.evaluate import METHODS, EvalConfig
     from duet_bus.models import PPGConfig
     from duet_bus.train import TrainConfig
@@ -46,7 +50,8 @@ def _eval_config(args: argparse.Namespace):
         backbone=args.backbone,
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
         methods=tuple(args.methods.split(",")) if getattr(args, "methods", None) else METHODS,
-        train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma),
+        prep=PrepConfig(history_len=args.history_len, eval_negatives=args.eval_negatives),
+        train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma, batch_size=args.batch_size),
         swa=PPGConfig(n_generators=args.n_generators, tau=args.tau),
     )
 
@@ -73,7 +78,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = load_dataset(config.dataset, config.data_path)
     prepared = prepare(data, config.prep, seed=args.seed)
     result = train_model(prepared, config.model_config(args.method), config.train, args.seed, label=args.method)
-    version = checkpoint.save(args.out, result.model, config.dataset, config.prep, prepared.n_items)
+    version = checkpoint.save(args.out, result.model, prepared)
     console.print(
         f"{args.method} on {config.dataset}/{config.backbone}: best validation AUC "
         f"{result.best_valid_auc:.4f} at epoch {result.best_epoch}; saved {args.out} (model version {version})"

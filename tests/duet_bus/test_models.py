@@ -84,7 +84,7 @@ def test_generator_heads_are_registered_trained_and_checkpointed(tiny, tmp_path)
         assert not torch.equal(before[key], after[key]), f"{key} did not train"
 
     path = tmp_path / "model.pt"
-    version = checkpoint.save(path, result.model, "ml-100k", tiny.config, tiny.n_items)
+    version = checkpoint.save(path, result.model, tiny)
     loaded = checkpoint.load(path)
     assert loaded.model_version == version
     test = tiny.eval_samples("test")

