@@ -4,42 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-
-def write_udata(path: Path, n_users: int = 24, n_items: int = 40, per_user: int = 16, seed: int = 0) -> Path:
-    """A GroupLens-style u.data where each user walks through one of 4 item clusters.
-
-    The structure is learnable: the next item is usually the next one in the
-    user's cluster, so a sequence model and a generator both have signal.
-    """
-    rng = np.random.default_rng(seed)
-    rows = []
-    cluster = n_items // 4
-    for u in range(1, n_users + 1):
-        c = u % 4
-        start = rng.integers(0, cluster)
-        t0 = 880_000_000 + int(rng.integers(0, 10_000))
-        for j in range(per_user):
-            if rng.random() < 0.8:
-                item = 1 + c * cluster + (start + j) % cluster
-            else:
-                item = int(rng.integers(1, n_items + 1))
-            rows.append(f"{u}\t{item}\t{int(rng.integers(1, 6))}\t{t0 + 60 * j}")
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def write_uitem(path: Path, n_items: int = 40) -> Path:
-    genres = ["0"] * 19
-    lines = []
-    for i in range(1, n_items + 1):
-        flags = list(genres)
-        flags[1 + i % 4] = "1"
-        lines.append(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|" + "|".join(flags))
-    path.write_text("\n".join(lines) + "\n")
-    return path
+from duet_bus.testing import write_udata, write_uitem
 
 
 @pytest.fixture
@@ -55,3 +22,29 @@ def tiny(udata: Path):
     from duet_bus.data.prep import PrepConfig
 
     return prepare(load_dataset("ml-100k", udata), PrepConfig(history_len=5, eval_negatives=20), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_shared(tmp_path_factory):
+    """Like `tiny`, shared by every test of the session (read-only use)."""
+    from duet_bus.data import load_dataset, prepare
+    from duet_bus.data.prep import PrepConfig
+
+    folder = tmp_path_factory.mktemp("data")
+    write_uitem(folder / "u.item")
+    path = write_udata(folder / "u.data")
+    return prepare(load_dataset("ml-100k", path), PrepConfig(history_len=5, eval_negatives=20), seed=0)
+
+
+@pytest.fixture(scope="session")
+def duet_checkpoint(tiny_shared, tmp_path_factory):
+    """A small trained DUET (N_p = 3), saved and loaded back through the checkpoint file."""
+    from duet_bus import checkpoint
+    from duet_bus.models import ModelConfig, PPGConfig
+    from duet_bus.train import TrainConfig, train_model
+
+    result = train_model(tiny_shared, ModelConfig(backbone="gru4rec", ppg=PPGConfig(n_generators=3)),
+                         TrainConfig(epochs=2, batch_size=64), seed=0)
+    path = tmp_path_factory.mktemp("ckpt") / "duet.pt"
+    checkpoint.save(path, result.model, tiny_shared)
+    return checkpoint.load(path)

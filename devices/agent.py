@@ -1,0 +1,90 @@
+"""One device: static layers, current dynamic weights, one session at a time.
+
+For a session the agent gets its dynamic weights by its method:
+- ``base``: the global classifier it already holds (no request);
+- ``finetune``: the global classifier after k Adam steps on its labelled
+  recent samples, computed here and timed;
+- ``duet`` / ``duet_no_swa``: a `SessionStart` to the cloud and the
+  `WeightsReady` that answers it, awaited with a deadline; on timeout the
+  global classifier, and the report says ``fallback``.
+Then it scores the session's samples and reports scores and delays.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from duet_bus.checkpoint import Checkpoint
+from duet_bus.data.streams import DeviceSession
+from duet_bus.models.dynamic import LayerWeights, apply_dynamic
+from duet_bus.protocol import ProtocolError, SessionReport
+from duet_bus.train import tensors
+
+if TYPE_CHECKING:
+    from devices.fleet import Fleet
+
+
+class DeviceAgent:
+    def __init__(self, device_id: str, checkpoint: Checkpoint, fleet: "Fleet", method: str | None = None) -> None:
+        self.device_id = device_id
+        self.checkpoint = checkpoint  # shared by every agent of this model version
+        self.fleet = fleet
+        self.method = method or checkpoint.model.config.method
+        self.weights: LayerWeights = checkpoint.global_layers
+
+    async def run_session(self, session: DeviceSession) -> SessionReport:
+        delay: dict[str, float] = {}
+        payload: dict[str, int] = {}
+        fallback = False
+        if self.method == "base":
+            self.weights = self.checkpoint.global_layers
+        elif self.method == "finetune":
+            self.weights, delay["finetune_ms"] = self._finetune(session)
+        else:
+            reply = await self.fleet.request(self, session, delay, payload)
+            if reply is None:
+                fallback = True
+                self.weights = self.checkpoint.global_layers
+            else:
+                self.weights = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
+        start = time.perf_counter()
+        scores = self._score(session)
+        delay["device_compute_ms"] = (time.perf_counter() - start) * 1000
+        return SessionReport(
+            session_id=session.session_id, device_id=self.device_id, method=self.method,
+            model_version=self.checkpoint.model_version, scores=scores.astype(np.float32).ravel(),
+            labels=session.samples.labels.astype(np.float32).ravel(), fallback=fallback,
+            delay_ms=delay, payload_bytes=payload,
+        )
+
+    @torch.inference_mode()
+    def _score(self, session: DeviceSession) -> np.ndarray:
+        x = tensors(session.samples)
+        return self.checkpoint.model.score(x["history"], x["history_len"], x["targets"], self.weights).numpy()
+
+    def _finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
+        if session.recent is None or len(session.recent) == 0:
+            raise ProtocolError("recent", f"session {session.session_id}: fine-tuning needs labelled recent samples")
+        cfg = self.fleet.config.finetune
+        model = self.checkpoint.model
+        x = tensors(session.recent)
+        labels = torch.from_numpy(session.recent.labels)
+        params = [t.detach().clone().requires_grad_(True) for layer in self.checkpoint.global_layers for t in layer]
+        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        start = time.perf_counter()
+        with torch.no_grad():
+            features = model.backbone.features(x["history"], x["history_len"], x["targets"])
+        for _ in range(cfg.steps):
+            weights = list(zip(params[0::2], params[1::2]))
+            logits = model.backbone.readout(apply_dynamic(features, weights), x["targets"])
+            loss = F.binary_cross_entropy_with_logits(logits, labels)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward(inputs=params)
+            optimizer.step()
+        millis = (time.perf_counter() - start) * 1000
+        return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])], millis
