@@ -100,8 +100,9 @@ class Fleet:
                 device, future = waiting
                 if reply.device_id != device:
                     self.stats.dropped_foreign += 1
-                    continue
-                if not future.done():
+                elif future.done():  # a redelivered copy that came before its waiter left
+                    self.stats.dropped_duplicates += 1
+                else:
                     future.set_result((reply, received, len(record.value)))
 
     async def request(self, agent, session: DeviceSession, delay: dict[str, float],

@@ -99,6 +99,7 @@ class EmbeddedBroker:
             start_new_session=True,  # Ctrl-C goes to us; we stop the broker ourselves
         )
         atexit.register(self.stop)
+        _exit_on_sigterm()
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -136,6 +137,23 @@ class EmbeddedBroker:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM unwind like Ctrl-C does, so context managers stop the broker.
+
+    Only where nobody installed a handler yet, and only from the main thread
+    (Python allows signal handlers nowhere else).
+    """
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        def _raise(signum, frame):
+            raise SystemExit(128 + signum)
+
+        signal.signal(signal.SIGTERM, _raise)
 
 
 def _answers(port: int) -> bool:

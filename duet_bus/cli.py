@@ -86,6 +86,113 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+BOOTSTRAP_ENV = "DUET_BOOTSTRAP"
+
+
+def _bootstrap(args: argparse.Namespace) -> str | None:
+    import os
+
+    return args.bootstrap or os.environ.get(BOOTSTRAP_ENV) or None
+
+
+def cmd_broker(args: argparse.Namespace) -> int:
+    import time
+
+    from duet_bus.broker import EmbeddedBroker
+
+    with EmbeddedBroker(port=args.port) as broker:
+        print(f"embedded Kafka-compatible broker (Tansu) on {broker.bootstrap}; "
+              f"use --bootstrap {broker.bootstrap} or export {BOOTSTRAP_ENV}={broker.bootstrap}. Ctrl-C stops it.",
+              flush=True)
+        while broker.process is not None and broker.process.poll() is None:
+            time.sleep(0.5)
+    return 0
+
+
+def cmd_cloud(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from cloud import CloudConfig, GeneratorService
+    from duet_bus import checkpoint
+    from duet_bus.bus import KafkaBus
+
+    bootstrap = _bootstrap(args)
+    if not bootstrap:
+        raise DuetError(f"duet cloud: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
+    models = [checkpoint.load(path) for path in args.checkpoint]
+    config = CloudConfig(group_id=args.group, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                         weight_encoding=args.weight_encoding)
+
+    async def serve() -> None:
+        bus = KafkaBus(bootstrap)
+        await bus.start()
+        service = GeneratorService(bus, models, config)
+        await service.start()
+        console.print(f"cloud worker in group {config.group_id!r} serving "
+                      f"{', '.join(m.model_version for m in models)} on {bootstrap}")
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        try:
+            while not task.done():
+                await asyncio.sleep(5)
+                s = service.stats
+                console.print(f"served {s.served} sessions in {s.batches} batches, dead letters {s.dead_letters}, "
+                              f"lag {s.lag}")
+        finally:
+            stop.set()
+            await task
+            await service.stop()
+            await bus.stop()
+
+    asyncio.run(serve())
+    return 0
+
+
+def cmd_devices(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import numpy as np
+
+    from devices import DeviceAgent, Fleet, FleetConfig
+    from duet_bus import checkpoint
+    from duet_bus.bus import KafkaBus
+    from duet_bus.data import load_dataset, prepare
+    from duet_bus.data.streams import offline_test_sessions
+    from duet_bus.metrics import auc
+
+    bootstrap = _bootstrap(args)
+    if not bootstrap:
+        raise DuetError(f"duet devices: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
+    ckpt = checkpoint.load(args.checkpoint)
+    prepared = prepare(load_dataset(ckpt.dataset, args.data_path), ckpt.prep, seed=args.seed)
+    if not 1 <= args.count <= prepared.n_users:
+        raise DuetError(f"--count: must be in 1..{prepared.n_users}, got {args.count}")
+    sessions = offline_test_sessions(prepared, np.arange(args.count))
+
+    async def run() -> list:
+        bus = KafkaBus(bootstrap)
+        await bus.start()
+        fleet = Fleet(bus, FleetConfig(fleet_id=args.fleet_id, reply_partition=args.reply_partition,
+                                       deadline_s=args.deadline))
+        await fleet.start()
+        try:
+            agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
+            return await asyncio.gather(*(fleet.run(a, s) for a, s in zip(agents, sessions)))
+        finally:
+            await fleet.stop()
+            await bus.stop()
+
+    reports = asyncio.run(run())
+    rtt = [r.delay_ms["round_trip_ms"] for r in reports if "round_trip_ms" in r.delay_ms]
+    fallbacks = sum(r.fallback for r in reports)
+    labels = np.stack([r.labels for r in reports])
+    scores = np.stack([r.scores for r in reports])
+    console.print(f"{len(reports)} sessions ({ckpt.model_version}): AUC {auc(labels, scores):.4f}, "
+                  f"fallbacks {fallbacks}" + (f", round trip p50 {np.percentile(rtt, 50):.2f} ms "
+                                              f"p99 {np.percentile(rtt, 99):.2f} ms" if rtt else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -104,6 +211,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=cmd_train, seeds=1)
+
+    p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")
+    p.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
+    p.set_defaults(func=cmd_broker)
+
+    p = sub.add_parser("cloud", help="run a generator worker (consumer group member)")
+    p.add_argument("--bootstrap", help=f"Kafka bootstrap servers (or ${BOOTSTRAP_ENV})")
+    p.add_argument("--checkpoint", action="append", required=True, help="checkpoint to serve (repeatable)")
+    p.add_argument("--group", default="duet-cloud")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    p.set_defaults(func=cmd_cloud)
+
+    p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")
+    p.add_argument("--bootstrap", help=f"Kafka bootstrap servers (or ${BOOTSTRAP_ENV})")
+    p.add_argument("--checkpoint", required=True, help="the checkpoint whose static layers the devices hold")
+    p.add_argument("--data-path", help="dataset file, if the checkpoint's dataset is not bundled")
+    p.add_argument("--count", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fleet-id", default="fleet-0")
+    p.add_argument("--reply-partition", type=int, default=0)
+    p.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for weights before falling back")
+    p.set_defaults(func=cmd_devices)
     return parser
 
 

@@ -1,0 +1,52 @@
+"""Fleet behaviour that needs no broker: the MemoryBus stands in (tests only)."""
+
+import asyncio
+
+import numpy as np
+
+from cloud import CloudConfig, GeneratorService
+from devices import DeviceAgent, Fleet, FleetConfig
+from duet_bus import protocol
+from duet_bus.bus import MemoryBus, Topics
+from duet_bus.data.streams import offline_test_sessions
+
+
+async def test_timeout_falls_back_to_the_global_classifier(duet_checkpoint, tiny_shared):
+    bus = MemoryBus()
+    fleet = Fleet(bus, FleetConfig(deadline_s=0.2))
+    await fleet.start()
+    session = offline_test_sessions(tiny_shared)[0]
+    report = await fleet.run(DeviceAgent(session.device_id, duet_checkpoint, fleet), session)
+    await fleet.stop()
+    assert report.fallback and fleet.stats.fallbacks == 1
+    assert np.isfinite(report.scores).all()
+
+
+async def test_duplicate_and_foreign_replies_are_dropped(duet_checkpoint, tiny_shared):
+    bus = MemoryBus()
+    topics = Topics()
+    service = GeneratorService(bus, [duet_checkpoint], CloudConfig(topics=topics))
+    await service.start()
+    fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=5))
+    await fleet.start()
+    session = offline_test_sessions(tiny_shared)[0]
+    agent = DeviceAgent(session.device_id, duet_checkpoint, fleet)
+
+    async def serve_twice_and_a_stranger():
+        while not (records := await service.consumer.getmany(50, 10)):
+            pass
+        await service.handle(records)
+        await service.handle(records)  # at-least-once redelivery
+        request = protocol.decode(records[0].value)
+        request.device_id = "someone-else"
+        request.session_id = "other-session"
+        await bus.send(topics.sessions, protocol.encode(request))
+        await service.handle(await service.consumer.getmany(50, 10))
+
+    server = asyncio.create_task(serve_twice_and_a_stranger())
+    report = await fleet.run(agent, session)
+    await server
+    await asyncio.sleep(0.3)
+    await fleet.stop()
+    assert not report.fallback
+    assert fleet.stats.dropped_duplicates == 2  # the redelivered reply and the reply to another session
