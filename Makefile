@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-slow demo bench clean
+.PHONY: venv test test-slow demo bench bench-bus clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: venv
 
 bench: venv
 	$(PY) bench/bench_model.py
+
+bench-bus: venv
+	$(PY) bench/bench_bus.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

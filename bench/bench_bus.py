@@ -1,0 +1,182 @@
+"""Bus cost on this machine: session round trip against a raw broker echo.
+
+On one embedded broker, prints:
+
+- raw echo round trip (p50, p99): a client sends a session-start-sized
+  message to a topic, an echo worker in a consumer group sends it back to the
+  client's reply partition (the same hops as a session, nothing computed);
+- session round trip (p50, p99): a fleet's device sends a real SessionStart,
+  the generator service validates, generates (GRU4Rec DUET, N_p = 5) and
+  replies, the device receives the WeightsReady;
+- both at 1, 10 and 100 sessions in flight, and the ratio session / echo;
+- sessions per second of one cloud worker draining a backlog.
+
+Absolute times are this machine's; the ratios are what to compare.
+Run: `make bench-bus` (or python bench/bench_bus.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from cloud import CloudConfig, GeneratorService
+from devices import DeviceAgent, Fleet, FleetConfig
+from duet_bus import protocol
+from duet_bus.broker import EmbeddedBroker
+from duet_bus.bus import KafkaBus, Topics
+from duet_bus.checkpoint import Checkpoint, global_layers, model_version
+from duet_bus.data import load_dataset, prepare
+from duet_bus.data.streams import offline_test_sessions
+from duet_bus.models import ModelConfig, PPGConfig, build_model
+
+LEVELS = (1, 10, 100)
+SESSIONS_PER_LEVEL = 300
+BACKLOG = 2000
+
+
+def untrained_checkpoint(prepared) -> Checkpoint:
+    model = build_model(ModelConfig(backbone="gru4rec", ppg=PPGConfig(n_generators=5)), prepared.n_items, 10).eval()
+    return Checkpoint(model, model_version(model), prepared.name, prepared.config, prepared.n_items,
+                      global_layers(model, prepared))
+
+
+async def echo_round_trips(bus: KafkaBus, payload: bytes, level: int) -> list[float]:
+    tag = uuid.uuid4().hex[:8]
+    req, rep = f"echo-{tag}.req", f"echo-{tag}.rep"
+    await bus.ensure_topics({req: 4, rep: 1})
+    server = bus.group_consumer([req], f"echo-{tag}")
+    client = bus.partition_consumer(rep, 0)
+    await server.start()
+    await client.start()
+    waiting: dict[bytes, asyncio.Future] = {}
+    stop = asyncio.Event()
+
+    async def serve():
+        while not stop.is_set():
+            records = await server.getmany(timeout_ms=50, max_records=256)
+            if records:
+                await bus.send_many([(rep, r.value, r.key, 0) for r in records])
+                await server.commit({(r.topic, r.partition): r.offset + 1 for r in records})
+
+    async def receive():
+        while not stop.is_set():
+            for r in await client.getmany(timeout_ms=50, max_records=1000):
+                future = waiting.pop(r.key, None)
+                if future is not None and not future.done():
+                    future.set_result(time.perf_counter())
+
+    async def one() -> float:
+        key = uuid.uuid4().bytes
+        future = asyncio.get_running_loop().create_future()
+        waiting[key] = future
+        start = time.perf_counter()
+        await bus.send(req, payload, key=key)
+        return (await asyncio.wait_for(future, 30) - start) * 1000
+
+    tasks = [asyncio.create_task(serve()), asyncio.create_task(receive())]
+    await asyncio.wait_for(one(), 60)  # warm-up: group join
+    out: list[float] = []
+    while len(out) < SESSIONS_PER_LEVEL:
+        out += await asyncio.gather(*(one() for _ in range(level)))
+    stop.set()
+    await asyncio.gather(*tasks)
+    await server.stop()
+    await client.stop()
+    return out
+
+
+async def session_round_trips(bus: KafkaBus, ckpt: Checkpoint, sessions, level: int) -> list[float]:
+    tag = uuid.uuid4().hex[:8]
+    topics = Topics(sessions=f"s-{tag}", weights=f"w-{tag}", reports=f"r-{tag}", deadletter=f"d-{tag}")
+    service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}", max_wait_ms=2))
+    await service.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=30, publish_reports=False))
+    await fleet.start()
+    agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
+    await fleet.run(agents[0], sessions[0])  # warm-up: group join
+    out: list[float] = []
+    i = 0
+    while len(out) < SESSIONS_PER_LEVEL:
+        batch = [(agents[(i + j) % len(agents)], sessions[(i + j) % len(sessions)]) for j in range(level)]
+        i += level
+        reports = await asyncio.gather(*(fleet.run(a, s) for a, s in batch))
+        assert not any(r.fallback for r in reports)
+        out += [r.delay_ms["round_trip_ms"] for r in reports]
+    await fleet.stop()
+    stop.set()
+    await task
+    await service.stop()
+    return out
+
+
+async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions) -> float:
+    tag = uuid.uuid4().hex[:8]
+    topics = Topics(sessions=f"s-{tag}", weights=f"w-{tag}", reports=f"r-{tag}", deadletter=f"d-{tag}")
+    await bus.ensure_topics(topics.all())
+    messages = []
+    for n in range(BACKLOG):
+        s = sessions[n % len(sessions)]
+        messages.append((topics.sessions, protocol.encode(protocol.SessionStart(
+            f"{s.session_id}-{n}", s.device_id, ckpt.model_version, s.realtime, topics.weights, 0, time.time())),
+            s.device_id.encode(), None))
+    await bus.send_many(messages)
+    service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}"))
+    await service.start()
+    first: list = []
+    while not first:  # wait out the group join, then time from the first batch on
+        first = await service.next_batch()
+    start = time.perf_counter()
+    await service.handle(first)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    deadline = time.monotonic() + 120
+    while service.stats.served < BACKLOG and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    elapsed = time.perf_counter() - start
+    served = service.stats.served
+    stop.set()
+    await task
+    await service.stop()
+    return served / elapsed
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+async def main() -> None:
+    prepared = prepare(load_dataset("ml-100k"), seed=0)
+    ckpt = untrained_checkpoint(prepared)
+    sessions = offline_test_sessions(prepared)
+    payload = protocol.encode(protocol.SessionStart("s", "d", ckpt.model_version, sessions[0].realtime, "w", 0, 0.0))
+    table = Table(title="Round trips on the embedded broker (ms, this machine)")
+    for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "session/echo p50"):
+        table.add_column(col, justify="right")
+    with EmbeddedBroker() as broker:
+        bus = KafkaBus(broker.bootstrap)
+        await bus.start()
+        try:
+            for level in LEVELS:
+                echo = await echo_round_trips(bus, payload, level)
+                session = await session_round_trips(bus, ckpt, sessions, level)
+                table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(session, 50):.2f}",
+                              f"{pct(session, 99):.2f}", f"{pct(session, 50) / pct(echo, 50):.2f}x")
+            rate = await worker_throughput(bus, ckpt, sessions)
+        finally:
+            await bus.stop()
+    console = Console(width=120)
+    console.print(table)
+    console.print(f"one cloud worker drains a backlog at {rate:.0f} sessions/s "
+                  f"(GRU4Rec DUET N_p=5, micro-batches up to 256)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
