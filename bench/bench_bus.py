@@ -18,8 +18,13 @@ Run: `make bench-bus` (or python bench/bench_bus.py).
 from __future__ import annotations
 
 import asyncio
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -27,7 +32,7 @@ from rich.table import Table
 
 from cloud import CloudConfig, GeneratorService
 from devices import DeviceAgent, Fleet, FleetConfig
-from duet_bus import protocol
+from duet_bus import checkpoint, protocol
 from duet_bus.broker import EmbeddedBroker
 from duet_bus.bus import KafkaBus, Topics
 from duet_bus.checkpoint import Checkpoint, global_layers, model_version
@@ -46,23 +51,28 @@ def untrained_checkpoint(prepared) -> Checkpoint:
                       global_layers(model, prepared))
 
 
-async def echo_round_trips(bus: KafkaBus, payload: bytes, level: int) -> list[float]:
-    tag = uuid.uuid4().hex[:8]
-    req, rep = f"echo-{tag}.req", f"echo-{tag}.rep"
-    await bus.ensure_topics({req: 4, rep: 1})
-    server = bus.group_consumer([req], f"echo-{tag}")
-    client = bus.partition_consumer(rep, 0)
+async def echo_server(bootstrap: str, req: str, rep: str) -> None:
+    """The raw echo worker (its own process): send every request back to its reply partition."""
+    bus = KafkaBus(bootstrap)
+    await bus.start()
+    server = bus.group_consumer([req], f"{req}-echo")
     await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    while not stop.is_set():
+        records = await server.getmany(timeout_ms=50, max_records=256)
+        if records:
+            await bus.send_many([(rep, r.value, r.key, 0) for r in records])
+            await server.commit({(r.topic, r.partition): r.offset + 1 for r in records})
+    await server.stop()
+    await bus.stop()
+
+
+async def echo_round_trips(bus: KafkaBus, req: str, rep: str, payload: bytes, level: int) -> list[float]:
+    client = bus.partition_consumer(rep, 0)
     await client.start()
     waiting: dict[bytes, asyncio.Future] = {}
     stop = asyncio.Event()
-
-    async def serve():
-        while not stop.is_set():
-            records = await server.getmany(timeout_ms=50, max_records=256)
-            if records:
-                await bus.send_many([(rep, r.value, r.key, 0) for r in records])
-                await server.commit({(r.topic, r.partition): r.offset + 1 for r in records})
 
     async def receive():
         while not stop.is_set():
@@ -77,43 +87,29 @@ async def echo_round_trips(bus: KafkaBus, payload: bytes, level: int) -> list[fl
         waiting[key] = future
         start = time.perf_counter()
         await bus.send(req, payload, key=key)
-        return (await asyncio.wait_for(future, 30) - start) * 1000
+        return (await asyncio.wait_for(future, 60) - start) * 1000
 
-    tasks = [asyncio.create_task(serve()), asyncio.create_task(receive())]
-    await asyncio.wait_for(one(), 60)  # warm-up: group join
+    task = asyncio.create_task(receive())
+    await one()  # warm-up (the echo worker may still be joining its group)
     out: list[float] = []
     while len(out) < SESSIONS_PER_LEVEL:
         out += await asyncio.gather(*(one() for _ in range(level)))
     stop.set()
-    await asyncio.gather(*tasks)
-    await server.stop()
+    await task
     await client.stop()
     return out
 
 
-async def session_round_trips(bus: KafkaBus, ckpt: Checkpoint, sessions, level: int) -> list[float]:
-    tag = uuid.uuid4().hex[:8]
-    topics = Topics(sessions=f"s-{tag}", weights=f"w-{tag}", reports=f"r-{tag}", deadletter=f"d-{tag}")
-    service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}", max_wait_ms=2))
-    await service.start()
-    stop = asyncio.Event()
-    task = asyncio.create_task(service.run(stop))
-    fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=30, publish_reports=False))
-    await fleet.start()
-    agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
-    await fleet.run(agents[0], sessions[0])  # warm-up: group join
+async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> list[float]:
     out: list[float] = []
     i = 0
     while len(out) < SESSIONS_PER_LEVEL:
         batch = [(agents[(i + j) % len(agents)], sessions[(i + j) % len(sessions)]) for j in range(level)]
         i += level
         reports = await asyncio.gather(*(fleet.run(a, s) for a, s in batch))
-        assert not any(r.fallback for r in reports)
+        if any(r.fallback for r in reports):
+            raise RuntimeError("a session fell back: the cloud worker is not keeping up within the deadline")
         out += [r.delay_ms["round_trip_ms"] for r in reports]
-    await fleet.stop()
-    stop.set()
-    await task
-    await service.stop()
     return out
 
 
@@ -160,15 +156,36 @@ async def main() -> None:
     table = Table(title="Round trips on the embedded broker (ms, this machine)")
     for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "session/echo p50"):
         table.add_column(col, justify="right")
-    with EmbeddedBroker() as broker:
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "duet.pt"
+        checkpoint.save(path, ckpt.model, prepared)
+        ckpt = checkpoint.load(path)
         bus = KafkaBus(broker.bootstrap)
         await bus.start()
+        topics = Topics()
+        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1})
+        # The echo worker and the cloud worker run in processes of their own, as deployed.
+        workers = [
+            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep"]),
+            subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "cloud", "--bootstrap", broker.bootstrap,
+                              "--checkpoint", str(path), "--max-wait-ms", "2"], stdout=subprocess.DEVNULL),
+        ]
+        fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=60, publish_reports=False))
+        await fleet.start()
         try:
+            agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
+            await fleet.run(agents[0], sessions[0])  # warm-up: the cloud joins its group
             for level in LEVELS:
-                echo = await echo_round_trips(bus, payload, level)
-                session = await session_round_trips(bus, ckpt, sessions, level)
+                echo = await echo_round_trips(bus, "echo.req", "echo.rep", payload, level)
+                session = await session_round_trips(fleet, agents, sessions, level)
                 table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(session, 50):.2f}",
                               f"{pct(session, 99):.2f}", f"{pct(session, 50) / pct(echo, 50):.2f}x")
+        finally:
+            await fleet.stop()
+            for worker in workers:
+                worker.terminate()
+                worker.wait(timeout=30)
+        try:
             rate = await worker_throughput(bus, ckpt, sessions)
         finally:
             await bus.stop()
@@ -179,4 +196,7 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
+        asyncio.run(echo_server(*sys.argv[2:]))
+    else:
+        asyncio.run(main())

@@ -121,7 +121,7 @@ class GeneratorService:
             except ProtocolError as exc:
                 outgoing.append(self._dead_letter(record, str(exc)))
         for version, events in by_model.items():
-            outgoing.extend(self._generate(self.models[version], events, received_at))
+            outgoing.extend(await self._generate(self.models[version], events, received_at))
         await self.bus.send_many(outgoing)
         offsets: dict[tuple[str, int], int] = {}
         for record in records:
@@ -129,7 +129,15 @@ class GeneratorService:
             offsets[key] = max(offsets.get(key, 0), record.offset + 1)
         await self.consumer.commit(offsets)
 
-    def _generate(self, checkpoint: Checkpoint, events: list[SessionStart], received_at: float):
+    @staticmethod
+    def _forward(checkpoint: Checkpoint, realtime: np.ndarray, lengths: np.ndarray):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            weights = checkpoint.model.weights_for(torch.from_numpy(realtime), torch.from_numpy(lengths))
+            layers = [(w.numpy(), b.numpy()) for w, b in weights]
+        return layers, (time.perf_counter() - start) * 1000
+
+    async def _generate(self, checkpoint: Checkpoint, events: list[SessionStart], received_at: float):
         length = checkpoint.prep.history_len
         realtime = np.zeros((len(events), length), np.int64)
         lengths = np.empty(len(events), np.int64)
@@ -137,24 +145,24 @@ class GeneratorService:
             items = event.realtime[-length:]
             realtime[i, : len(items)] = items
             lengths[i] = len(items)
-        start = time.perf_counter()
-        with torch.inference_mode():
-            weights = checkpoint.model.weights_for(torch.from_numpy(realtime), torch.from_numpy(lengths))
-            layers = [(w.numpy(), b.numpy()) for w, b in weights]
-        generation_ms = (time.perf_counter() - start) * 1000
+        # In a thread (torch releases the GIL): the consumer keeps fetching the
+        # next batch while this one is generated.
+        layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, realtime, lengths)
         self.stats.batches += 1
         self.stats.served += len(events)
         self.stats.batch_sizes.append(len(events))
         self.stats.generation_ms.append(generation_ms)
         method = checkpoint.model.config.method
+        replies = []
         for i, event in enumerate(events):
             reply = WeightsReady(
                 session_id=event.session_id, device_id=event.device_id, model_version=event.model_version,
                 method=method, layers=[(w[i], b[i]) for w, b in layers], received_at=received_at,
                 sent_at=time.time(), generation_ms=generation_ms, batch_size=len(events),
             )
-            yield (event.reply_topic, protocol.encode(reply, self.config.weight_encoding),
-                   event.device_id.encode(), event.reply_partition)
+            replies.append((event.reply_topic, protocol.encode(reply, self.config.weight_encoding),
+                            event.device_id.encode(), event.reply_partition))
+        return replies
 
     def _dead_letter(self, record: Record, reason: str):
         self.stats.dead_letters += 1

@@ -12,6 +12,7 @@ Then it scores the session's samples and reports scores and delays.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -52,9 +53,9 @@ class DeviceAgent:
                 self.weights = self.checkpoint.global_layers
             else:
                 self.weights = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
-        start = time.perf_counter()
-        scores = self._score(session)
-        delay["device_compute_ms"] = (time.perf_counter() - start) * 1000
+        # In a thread: torch releases the GIL, and the fleet's event loop stays
+        # free to take other devices' replies the moment they arrive.
+        scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
         return SessionReport(
             session_id=session.session_id, device_id=self.device_id, method=self.method,
             model_version=self.checkpoint.model_version, scores=scores.astype(np.float32).ravel(),
@@ -62,10 +63,12 @@ class DeviceAgent:
             delay_ms=delay, payload_bytes=payload,
         )
 
-    @torch.inference_mode()
-    def _score(self, session: DeviceSession) -> np.ndarray:
+    def _score(self, session: DeviceSession) -> tuple[np.ndarray, float]:
         x = tensors(session.samples)
-        return self.checkpoint.model.score(x["history"], x["history_len"], x["targets"], self.weights).numpy()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            scores = self.checkpoint.model.score(x["history"], x["history_len"], x["targets"], self.weights)
+        return scores.numpy(), (time.perf_counter() - start) * 1000
 
     def _finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
         if session.recent is None or len(session.recent) == 0:

@@ -62,6 +62,7 @@ class Fleet:
         self._pending: dict[str, tuple[str, asyncio.Future]] = {}
         self._consumer = None
         self._task: asyncio.Task | None = None
+        self._stopping = False
 
     async def start(self) -> None:
         await self.bus.ensure_topics(self.config.topics.all())
@@ -70,6 +71,7 @@ class Fleet:
         self._task = asyncio.create_task(self._dispatch(), name=f"{self.config.fleet_id}-dispatch")
 
     async def stop(self) -> None:
+        self._stopping = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -82,7 +84,7 @@ class Fleet:
             self._consumer = None
 
     async def _dispatch(self) -> None:
-        while True:
+        while not self._stopping:
             for record in await self._consumer.getmany(timeout_ms=100, max_records=1000):
                 received = time.time()
                 try:

@@ -213,11 +213,14 @@ class MemoryBus:
         return _MemoryConsumer(self, [topic], None, fixed=(topic, partition))
 
     async def _wait(self, timeout_ms: int) -> None:
+        # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation
+        # that races with completion, and a cancelled consumer loop would run on.
         self._changed.clear()
+        waiter = asyncio.ensure_future(self._changed.wait())
         try:
-            await asyncio.wait_for(self._changed.wait(), timeout_ms / 1000)
-        except asyncio.TimeoutError:
-            pass
+            await asyncio.wait({waiter}, timeout=timeout_ms / 1000)
+        finally:
+            waiter.cancel()
 
 
 class _MemoryConsumer(Consumer):

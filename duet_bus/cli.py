@@ -16,7 +16,8 @@ from rich.console import Console
 
 from duet_bus.errors import DuetError
 
-console = Console()
+# Piped output (CI logs, `| tee`) gets a width the Table-1 layout fits in.
+console = Console() if sys.stdout.isatty() else Console(width=140)
 err_console = Console(stderr=True, soft_wrap=True)
 
 

@@ -55,13 +55,18 @@ class LayerGenerator(nn.Module):
     def __init__(self, z_dim: int, fan_in: int, fan_out: int, hidden: int, n_gen: int) -> None:
         super().__init__()
         self.fan_in, self.fan_out, self.hidden = fan_in, fan_out, hidden
-        bound = z_dim**-0.5
+        # SWA uses a p-weighted mean of N_p independently drawn generators,
+        # which shrinks each part's scale by about sqrt(N_p); scale them up so
+        # the generator actually used starts at the intended scale whatever N_p.
+        # (Measured: without it, N_p = 5 starts ~5x too small and trails N_p = 1.)
+        spread = math.sqrt(n_gen)
+        bound = spread * z_dim**-0.5
         self.w1 = nn.Parameter(torch.empty(n_gen, z_dim, fan_in * hidden).uniform_(-bound, bound))
         # B1 carries the input-independent part: with W1 = 0 the generator is a
         # static rank-h classifier, so DUET contains the base model.
-        self.b1 = nn.Parameter(torch.randn(n_gen, fan_in * hidden))
+        self.b1 = nn.Parameter(torch.randn(n_gen, fan_in * hidden) * spread)
         # Scale W2 so the generated weights start with Kaiming variance 2/fan_in.
-        self.w2 = nn.Parameter(torch.randn(n_gen, hidden, fan_out) * math.sqrt(2.0 / (fan_in * hidden)))
+        self.w2 = nn.Parameter(torch.randn(n_gen, hidden, fan_out) * spread * math.sqrt(2.0 / (fan_in * hidden)))
         self.b2 = nn.Parameter(torch.zeros(n_gen, fan_out))
         self.wb = nn.Parameter(torch.empty(n_gen, z_dim, fan_out).uniform_(-bound, bound) * 0.1)
         self.bb = nn.Parameter(torch.zeros(n_gen, fan_out))
