@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from duet_bus.checkpoint import Checkpoint
 from duet_bus.data.streams import DeviceSession
-from duet_bus.models.dynamic import LayerWeights, apply_dynamic
+from duet_bus.finetune import finetune_classifier
+from duet_bus.models.dynamic import LayerWeights
 from duet_bus.protocol import ProtocolError, SessionReport
 from duet_bus.train import tensors
 
@@ -73,21 +73,5 @@ class DeviceAgent:
     def _finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
         if session.recent is None or len(session.recent) == 0:
             raise ProtocolError("recent", f"session {session.session_id}: fine-tuning needs labelled recent samples")
-        cfg = self.fleet.config.finetune
-        model = self.checkpoint.model
-        x = tensors(session.recent)
-        labels = torch.from_numpy(session.recent.labels)
-        params = [t.detach().clone().requires_grad_(True) for layer in self.checkpoint.global_layers for t in layer]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        start = time.perf_counter()
-        with torch.no_grad():
-            features = model.backbone.features(x["history"], x["history_len"], x["targets"])
-        for _ in range(cfg.steps):
-            weights = list(zip(params[0::2], params[1::2]))
-            logits = model.backbone.readout(apply_dynamic(features, weights), x["targets"])
-            loss = F.binary_cross_entropy_with_logits(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward(inputs=params)
-            optimizer.step()
-        millis = (time.perf_counter() - start) * 1000
-        return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])], millis
+        return finetune_classifier(self.checkpoint.model, self.checkpoint.global_layers, session.recent,
+                                   self.fleet.config.finetune)

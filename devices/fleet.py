@@ -22,7 +22,7 @@ from duet_bus import protocol
 from duet_bus.bus import Topics
 from duet_bus.data.streams import DeviceSession
 from duet_bus.errors import ConfigError
-from duet_bus.evaluate import FinetuneConfig
+from duet_bus.finetune import FinetuneConfig
 from duet_bus.protocol import ProtocolError, SessionStart, WeightsReady
 
 log = logging.getLogger("duet.devices")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from duet_bus.data.prep import PrepConfig, Prepared
+from duet_bus.data.prep import Prepared, PrepConfig
 from duet_bus.data.sessions import SessionConfig
 from duet_bus.errors import CheckpointError
 from duet_bus.models import LayerWeights, ModelConfig, PPGConfig, RecModel, build_model

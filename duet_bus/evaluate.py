@@ -21,31 +21,18 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from duet_bus.data import load_dataset, prepare
 from duet_bus.data.prep import Prepared, PrepConfig
 from duet_bus.errors import ConfigError
+from duet_bus.finetune import FinetuneConfig, finetune_classifier
 from duet_bus.metrics import ranking_metrics
 from duet_bus.models import ModelConfig, PPGConfig, RecModel
-from duet_bus.models.dynamic import apply_dynamic
-from duet_bus.train import TrainConfig, _progress, predict, tensors, train_model
+from duet_bus.train import TrainConfig, predict, progress_bar, tensors, train_model
 
 METHODS = ("base", "finetune", "duet_no_swa", "duet")
 NEEDS_LABELS = {"finetune"}
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int = 10
-    lr: float = 1e-3
-    recent: int = 10  # labelled positions just before the session
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "recent"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"finetune.{name}: must be a positive integer, got {getattr(self, name)!r}")
 
 
 @dataclass(frozen=True)
@@ -76,39 +63,22 @@ class EvalConfig:
 def finetune_scores(
     model: RecModel, prepared: Prepared, config: FinetuneConfig, seed: int, split: str = "test"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fine-tune the classifier per device, then score its session.
+    """Fine-tune the classifier per device (`finetune.finetune_classifier`), then score its session.
 
-    Returns the ``(n_users, K)`` logits and each device's fine-tuning wall
-    time in ms (the backbone forward over the labelled samples plus the k
-    steps, as a device would spend it).
+    Returns the ``(n_users, K)`` logits and each device's fine-tuning wall time in ms.
     """
     rng = np.random.default_rng(seed + 2)
     sessions = prepared.eval_samples(split)
-    head = model.head
-    original = {k: v.detach().clone() for k, v in head.state_dict().items()}
+    start = model.head.layer_weights()
     model.eval()
-    model.backbone.requires_grad_(False)
     scores = np.empty(sessions.targets.shape, np.float32)
     millis = np.empty(prepared.n_users)
-    try:
-        for u in range(prepared.n_users):
-            recent = prepared.recent_labelled(rng, u, split, config.recent)
-            x = tensors(recent)
-            labels = torch.from_numpy(recent.labels)
-            optimizer = torch.optim.Adam(head.parameters(), lr=config.lr)
-            start = time.perf_counter()
-            features = model.backbone.features(x["history"], x["history_len"], x["targets"])
-            for _ in range(config.steps):
-                logits = model.backbone.readout(apply_dynamic(features, head.layer_weights()), x["targets"])
-                loss = F.binary_cross_entropy_with_logits(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-            millis[u] = (time.perf_counter() - start) * 1000
-            scores[u] = predict(model, sessions.take(np.array([u])))[0]
-            head.load_state_dict(original)
-    finally:
-        model.backbone.requires_grad_(True)
+    for u in range(prepared.n_users):
+        recent = prepared.recent_labelled(rng, u, split, config.recent)
+        weights, millis[u] = finetune_classifier(model, start, recent, config)
+        x = tensors(sessions.take(np.array([u])))
+        with torch.inference_mode():
+            scores[u] = model.score(x["history"], x["history_len"], x["targets"], weights).numpy()[0]
     return scores, millis
 
 
@@ -152,7 +122,7 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> dict:
     delays: dict[str, list[float]] = {m: [] for m in config.methods}
     training: dict[str, list[dict]] = {}
     cost: dict[str, int] = {}
-    progress = _progress()
+    progress = progress_bar()
     if show_progress:
         progress.start()
     try:

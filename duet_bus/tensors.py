@@ -36,7 +36,8 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
     name = array.dtype.name
     if name not in WIRE_DTYPES:
         raise TensorError(f"dtype {name} cannot go on the wire (allowed: {sorted(WIRE_DTYPES)})")
-    out.update(dtype=name, shape=list(array.shape), data=np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes())
+    little_endian = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<"))
+    out.update(dtype=name, shape=list(array.shape), data=little_endian.tobytes())
     return out
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import uuid
-
 from pathlib import Path
 
 import numpy as np

@@ -113,7 +113,7 @@ def train_model(
     best_auc, best_epoch, best_state, stale = -1.0, 0, None, 0
     log: list[EpochLog] = []
     own_progress = progress is None
-    progress = progress or _progress()
+    progress = progress or progress_bar()
     if own_progress:
         progress.start()
     try:
@@ -154,7 +154,8 @@ def train_model(
     return TrainResult(model, best_epoch, best_auc, log)
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
+    """The rich progress display used while training."""
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     )

@@ -50,3 +50,21 @@ async def test_duplicate_and_foreign_replies_are_dropped(duet_checkpoint, tiny_s
     await fleet.stop()
     assert not report.fallback
     assert fleet.stats.dropped_duplicates == 2  # the redelivered reply and the reply to another session
+
+
+async def test_device_finetune_matches_the_offline_baseline(tiny_shared, tmp_path):
+    from duet_bus import checkpoint
+    from duet_bus.evaluate import finetune_scores
+    from duet_bus.finetune import FinetuneConfig
+    from duet_bus.models import ModelConfig
+    from duet_bus.train import TrainConfig, train_model
+
+    result = train_model(tiny_shared, ModelConfig(backbone="sasrec"), TrainConfig(epochs=1, batch_size=64), seed=0)
+    checkpoint.save(tmp_path / "base.pt", result.model, tiny_shared)
+    base = checkpoint.load(tmp_path / "base.pt")
+    offline, _ = finetune_scores(base.model, tiny_shared, FinetuneConfig(), seed=0)
+    fleet = Fleet(MemoryBus(), FleetConfig(publish_reports=False))
+    sessions = offline_test_sessions(tiny_shared, with_recent=FinetuneConfig().recent, seed=0)
+    reports = [await fleet.run(DeviceAgent(s.device_id, base, fleet, method="finetune"), s) for s in sessions]
+    np.testing.assert_allclose(np.stack([r.scores for r in reports]), offline, atol=1e-5)
+    assert all(r.delay_ms["finetune_ms"] > 0 for r in reports)

@@ -3,8 +3,9 @@ import json
 import numpy as np
 
 from duet_bus.cli import main
-from duet_bus.evaluate import EvalConfig, FinetuneConfig, evaluate, finetune_scores
 from duet_bus.data.prep import PrepConfig
+from duet_bus.evaluate import EvalConfig, evaluate, finetune_scores
+from duet_bus.finetune import FinetuneConfig
 from duet_bus.models import ModelConfig
 from duet_bus.train import TrainConfig, predict, train_model
 

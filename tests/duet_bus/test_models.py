@@ -7,7 +7,7 @@ from duet_bus.errors import CheckpointError, ConfigError
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
 from duet_bus.models.dynamic import apply_dynamic
 from duet_bus.models.swa import mix, swa_weights
-from duet_bus.train import TrainConfig, predict, tensors, train_model
+from duet_bus.train import TrainConfig, predict, train_model
 
 
 def batch(n_items=30, b=6, length=5, k=4, seed=0):

@@ -1,0 +1,56 @@
+"""The fine-tuning baseline: k gradient steps of the classifier on the device.
+
+The device holds the static layers (frozen) and the global classifier; it
+takes ``steps`` Adam steps on its labelled recent samples and uses the
+result for its session. Both the offline evaluation and the device agent run
+exactly this function, and both time it the same way: the backbone forward
+over the labelled samples plus the steps.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from duet_bus.data.prep import Samples
+from duet_bus.errors import ConfigError
+from duet_bus.models import LayerWeights, RecModel
+from duet_bus.models.dynamic import apply_dynamic
+from duet_bus.train import tensors
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    steps: int = 10
+    lr: float = 1e-3
+    recent: int = 10  # labelled positions just before the session
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "recent"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"finetune.{name}: must be a positive integer, got {getattr(self, name)!r}")
+
+
+def finetune_classifier(
+    model: RecModel, start: LayerWeights, recent: Samples, config: FinetuneConfig
+) -> tuple[LayerWeights, float]:
+    """Fine-tuned copies of the classifier weights ``start``, and the wall time in ms."""
+    x = tensors(recent)
+    labels = torch.from_numpy(recent.labels)
+    params = [t.detach().clone().requires_grad_(True) for layer in start for t in layer]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    begin = time.perf_counter()
+    with torch.no_grad():
+        features = model.backbone.features(x["history"], x["history_len"], x["targets"])
+    for _ in range(config.steps):
+        weights = list(zip(params[0::2], params[1::2]))
+        logits = model.backbone.readout(apply_dynamic(features, weights), x["targets"])
+        loss = F.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        optimizer.step()
+    millis = (time.perf_counter() - begin) * 1000
+    return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])], millis
