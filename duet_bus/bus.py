@@ -67,11 +67,20 @@ class Consumer:
 
 
 class KafkaBus:
-    """The real thing. ``security`` passes SASL/TLS settings through to aiokafka."""
+    """The real thing. ``security`` passes SASL/TLS settings through to aiokafka.
 
-    def __init__(self, bootstrap: str, client_id: str = "duet-bus", **security: Any) -> None:
+    ``fetch_max_wait_ms`` (default 5) bounds how long the broker may hold a
+    fetch that has no data yet. The embedded Tansu broker holds it for about
+    the whole time even when data arrives, so each consumer hop costs about
+    this much (measured: 5.5 ms per hop at 5, 12.7 ms at 20); lower it for
+    latency, raise it to poll less.
+    """
+
+    def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
+                 **security: Any) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
+        self.fetch_max_wait_ms = fetch_max_wait_ms
         self.security = security
         self._producer: AIOKafkaProducer | None = None
 
@@ -126,7 +135,7 @@ class _KafkaConsumer(Consumer):
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap, client_id=bus.client_id, group_id=group_id,
             enable_auto_commit=False, auto_offset_reset="earliest" if group_id else "latest",
-            fetch_max_wait_ms=5, max_partition_fetch_bytes=8 * 1024 * 1024, **bus.security,
+            fetch_max_wait_ms=bus.fetch_max_wait_ms, max_partition_fetch_bytes=8 * 1024 * 1024, **bus.security,
         )
 
     async def start(self) -> None:
