@@ -20,8 +20,8 @@ def table1(doc: dict) -> Table:
     table = Table(
         title=f"{doc['dataset']} / {doc['backbone']}: {seeds} seed{'s' if seeds != 1 else ''} "
         f"(mean, sample std)",
-        caption="LR*: needs labels of the device's real-time data. Delay p50: fine-tuning = on-device "
-        "compute; DUET = cloud generation compute (network is modelled by `duet run`).",
+        caption="LR*: needs labels of the device's real-time data. Delay p50, measured on this CPU: "
+        "fine-tuning = on-device compute; DUET = cloud generation of one session (network not included).",
     )
     for name in ("Method", "LR*", "AUC mean", "AUC std", "GAUC", "NDCG@10", "HR@10", "Param.", "FLOPs",
                  "Delay p50"):
