@@ -47,3 +47,12 @@ def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys)
     assert set(json.loads(out.read_text())["methods"]) == {"base", "duet"}
     assert main(["evaluate", "--data-path", str(tmp_path / "missing.data"), "--seeds", "1"]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_flops_count_the_transformer_layer(tiny):
+    from duet_bus.evaluate import device_cost
+    from duet_bus.models import build_model
+
+    sasrec = device_cost(build_model(ModelConfig(backbone="sasrec"), tiny.n_items, 5), tiny)
+    # One layer over 5 positions: q/k/v/out projections alone are 5 * 4 * 32 * 32 multiply-adds.
+    assert sasrec["flops_per_sample"] > 2 * 5 * 4 * 32 * 32
