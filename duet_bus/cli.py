@@ -31,12 +31,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=1.0, help="session weighting gamma^t (1 = uniform)")
     p.add_argument("--history-len", type=int, default=10, help="L: history and real-time samples per session")
     p.add_argument("--eval-negatives", type=int, default=100, help="sampled negatives per test target")
+    p.add_argument("--session-length", type=int, default=5, help="training interactions per session (one upload each)")
     p.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
     p.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
 
 
 def _eval_config(args: argparse.Namespace):
     from duet_bus.data.prep import PrepConfig
+    from duet_bus.data.sessions import SessionConfig
     from duet_bus.evaluate import METHODS, EvalConfig
     from duet_bus.models import PPGConfig
     from duet_bus.train import TrainConfig
@@ -51,7 +53,11 @@ def _eval_config(args: argparse.Namespace):
         backbone=args.backbone,
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
         methods=tuple(args.methods.split(",")) if getattr(args, "methods", None) else METHODS,
-        prep=PrepConfig(history_len=args.history_len, eval_negatives=args.eval_negatives),
+        prep=PrepConfig(
+            history_len=args.history_len,
+            eval_negatives=args.eval_negatives,
+            sessions=SessionConfig(length=args.session_length),
+        ),
         train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma, batch_size=args.batch_size),
         swa=PPGConfig(n_generators=args.n_generators, tau=args.tau),
     )
