@@ -8,6 +8,7 @@ the weights it receives fit the static layers it holds.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from duet_bus.data.sessions import SessionConfig
 from duet_bus.errors import CheckpointError
 from duet_bus.models import LayerWeights, ModelConfig, PPGConfig, RecModel, build_model
 from duet_bus.protocol import ModelSpec
-from duet_bus.train import tensors
+from duet_bus.train import TrainConfig, tensors, train_model
 
 FORMAT = "duet-bus-checkpoint/1"
 
@@ -109,3 +110,19 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: weights digest {version} differs from the recorded {blob['model_version']}")
     layers = [(w, b) for w, b in blob["global_layers"]]
     return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers)
+
+
+def cached(cache_dir: str | Path, prepared: Prepared, config: ModelConfig, train: TrainConfig, seed: int,
+           progress=None) -> Checkpoint:
+    """The checkpoint of this recipe (data, model, training, seed): trained once, then loaded from the cache."""
+    recipe = json.dumps({"dataset": prepared.name, "n_items": prepared.n_items, "users": prepared.n_users,
+                         "interactions": len(prepared.items), "prep": asdict(prepared.config),
+                         "model": asdict(config), "train": asdict(train), "seed": seed, "format": FORMAT},
+                        sort_keys=True)
+    path = Path(cache_dir) / f"{config.backbone}-{config.method}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        result = train_model(prepared, config, train, seed, progress=progress, label=config.method)
+        save(path.with_suffix(".tmp"), result.model, prepared)
+        path.with_suffix(".tmp").replace(path)
+    return load(path)

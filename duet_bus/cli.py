@@ -32,6 +32,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--history-len", type=int, default=10, help="L: history and real-time samples per session")
     p.add_argument("--eval-negatives", type=int, default=100, help="sampled negatives per test target")
     p.add_argument("--session-length", type=int, default=5, help="training interactions per session (one upload each)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="most recent fraction of each timeline kept out of training (for `duet run` scenarios)")
     p.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
     p.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
 
@@ -57,6 +59,7 @@ def _eval_config(args: argparse.Namespace):
             history_len=args.history_len,
             eval_negatives=args.eval_negatives,
             sessions=SessionConfig(length=args.session_length),
+            holdout=args.holdout,
         ),
         train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma, batch_size=args.batch_size),
         swa=PPGConfig(n_generators=args.n_generators, tau=args.tau),
@@ -200,9 +203,105 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_plugins(modules: list[str] | None) -> None:
+    import importlib
+
+    for name in modules or []:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            raise DuetError(f"--plugin {name}: cannot import it ({exc})") from exc
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from duet_bus.scenario import load_scenario
+
+    _load_plugins(args.plugin)
+    failed = 0
+    for path in args.files:
+        try:
+            scenario = load_scenario(path)
+        except DuetError as exc:
+            failed += 1
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        else:
+            console.print(f"{path}: ok ({scenario.name}: {scenario.device_count} devices, "
+                          f"{', '.join(scenario.methods)}, {len(scenario.shifts)} shift(s))")
+    return 2 if failed else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from duet_bus.report import run_table
+    from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
+    from duet_bus.scenario import load_scenario
+    from duet_bus.train import progress_bar
+
+    _load_plugins(args.plugin)
+    scenario = load_scenario(args.file)
+    if args.output:
+        scenario = replace(scenario, output=args.output)
+    live = scenario.dashboard and not args.no_dashboard and console.is_terminal
+    console.print(f"scenario {scenario.name} ({args.file}): preparing data and checkpoints")
+    prepared = prepare_data(scenario)
+    with progress_bar() as progress:
+        checkpoints = load_checkpoints(scenario, prepared, progress)
+    if live:
+        from duet_bus.dashboard import Dashboard
+
+        with Dashboard(console) as dashboard:
+            doc, out = run_scenario(scenario, prepared, checkpoints, on_step=dashboard.update)
+    else:
+        doc, out = run_scenario(scenario, prepared, checkpoints, on_step=_Ticker(scenario.duration_s))
+    console.print(run_table(doc))
+    console.print(f"report: {out}/results.json, {out}/sessions.csv, plots: "
+                  f"{', '.join(sorted(p.name for p in out.glob('*.png')))}")
+    return 130 if doc["run"]["interrupted"] else 0
+
+
+class _Ticker:
+    """Without a terminal: a line at every tenth of the virtual duration."""
+
+    def __init__(self, duration: float) -> None:
+        self.duration, self.next = duration, 0.0
+
+    def __call__(self, state) -> None:
+        if state.now_s >= self.next or state.finished:
+            self.next = state.now_s + self.duration / 10
+            console.print(f"  virtual {state.now_s / 3600:6.2f} h  wall {state.wall_s:6.1f} s  "
+                          f"sessions {state.sessions}  fallbacks {state.fallbacks}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from duet_bus.report import rerender, run_table
+
+    out = Path(args.run_dir)
+    doc = rerender(out)
+    console.print(run_table(doc))
+    console.print(f"re-rendered {out}/results.json and plots: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="duet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="run a scenario: devices, shifts, the cloud over Kafka; a live dashboard; a report")
+    p.add_argument("file", help="scenario YAML (see scenarios/)")
+    p.add_argument("--output", help="output folder (default: the scenario's `output`)")
+    p.add_argument("--no-dashboard", action="store_true", help="progress lines instead of the live dashboard")
+    p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("validate", help="check scenario files and report every problem")
+    p.add_argument("files", nargs="+")
+    p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("report", help="re-render the table and plots of a run folder")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="compare base, finetune, duet_no_swa and duet offline (Table 1)")
     _add_data_args(p)

@@ -1,8 +1,23 @@
-"""Render results: the paper's Table 1 from an evaluation document."""
+"""Render results: the paper's Table 1 from an evaluation document, and a scenario run's report.
+
+A run directory holds ``results.json`` (the scenario, per-method metrics with
+mean and std over sessions, the delay breakdown with measured and modelled
+parts apart, payload sizes, the shifts), ``sessions.csv`` (one row per session
+and method) and PNG plots. Everything here is computed from those rows, so
+`duet report RUN_DIR` re-renders the same table and plots from the files.
+"""
 
 from __future__ import annotations
 
+import csv
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import numpy as np
 from rich.table import Table
+
+from duet_bus.errors import DuetError
 
 LABELS = {"base": "Base (no DMG)", "finetune": "Fine-tuning", "duet_no_swa": "DUET (w/o SWA)", "duet": "DUET"}
 
@@ -42,3 +57,266 @@ def table1(doc: dict) -> Table:
             delay,
         )
     return table
+
+
+# -- scenario runs ---------------------------------------------------------------------------------
+
+MEASURED = ("bus_ms", "cloud_ms", "generation_ms", "finetune_ms", "compute_ms")
+MODELLED = ("upload_ms", "download_ms")
+AROUND = 3  # sessions shown before and after a shift
+
+
+def _stats(values) -> dict[str, float]:
+    v = np.asarray(values, np.float64)
+    if len(v) == 0:
+        return {"mean": 0.0, "std": 0.0, "p50": 0.0, "p95": 0.0, "p99": 0.0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+            "p50": float(np.percentile(v, 50)), "p95": float(np.percentile(v, 95)),
+            "p99": float(np.percentile(v, 99))}
+
+
+def method_order(scenario: dict, rows: list[dict]) -> list[str]:
+    present = {r["method"] for r in rows}
+    return [m for m in scenario["methods"] if m in present]
+
+
+def around_shift(rows: list[dict], shift: dict, method: str, window: int = AROUND) -> dict[int, list[float]]:
+    """Session AUCs of the shifted devices by session index relative to the shift (0 = first after)."""
+    shifted = set(shift["devices"])
+    by_device: dict[str, list[dict]] = {}
+    for r in rows:
+        if r["method"] == method and r["device_id"] in shifted:
+            by_device.setdefault(r["device_id"], []).append(r)
+    out: dict[int, list[float]] = {k: [] for k in range(-window, window)}
+    for sessions in by_device.values():
+        sessions.sort(key=lambda r: r["start_s"])
+        after = [r for r in sessions if r["start_s"] >= shift["at_s"]]
+        before = [r for r in sessions if r["start_s"] < shift["at_s"]]
+        for k, r in enumerate(after[:window]):
+            out[k].append(r["auc"])
+        for k, r in enumerate(reversed(before[-window:]), start=1):
+            out[-k].append(r["auc"])
+    return out
+
+
+def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dict) -> dict:
+    """The ``results.json`` document of a run."""
+    methods = {}
+    for m in method_order(scenario, rows):
+        mine = [r for r in rows if r["method"] == m]
+        auc = _stats([r["auc"] for r in mine])
+        methods[m] = {
+            "sessions": len(mine),
+            "auc_mean": auc["mean"], "auc_std": auc["std"],
+            "ndcg10_mean": float(np.mean([r["ndcg10"] for r in mine])),
+            "hr10_mean": float(np.mean([r["hr10"] for r in mine])),
+            "logloss_mean": float(np.mean([r["logloss"] for r in mine])),
+            "fallbacks": sum(bool(r["fallback"]) for r in mine),
+            "delay_ms": {
+                "total": _stats([r["total_ms"] for r in mine]),
+                "measured": {k: _stats([r[k] for r in mine]) for k in MEASURED},
+                "modelled": {k: _stats([r[k] for r in mine]) for k in MODELLED},
+            },
+            "delay_ms_p50_by_profile": {
+                p: float(np.percentile([r["total_ms"] for r in mine if r["profile"] == p], 50))
+                for p in sorted({r["profile"] for r in mine})},
+            "payload_bytes": {"upload_mean": float(np.mean([r["upload_bytes"] for r in mine])),
+                              "download_mean": float(np.mean([r["download_bytes"] for r in mine]))},
+        }
+    shift_docs = []
+    for shift in shifts:
+        around = {}
+        for m in methods:
+            around[m] = {str(k): {"auc_mean": float(np.mean(v)) if v else None, "sessions": len(v)}
+                         for k, v in around_shift(rows, shift, m).items()}
+        shift_docs.append({**shift, "devices_shifted": len(shift["devices"]), "around": around})
+    return {"scenario": scenario, "run": run, "methods": methods, "shifts": shift_docs}
+
+
+def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict) -> dict:
+    """Write ``results.json``, ``sessions.csv`` and the plots; return the results document."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in records]
+    columns = [f.name for f in fields(records[0])] if records else []
+    with open(out / "sessions.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    shift_dicts = [asdict(s) for s in shifts]
+    doc = summarize_run(scenario, rows, shift_dicts, run)
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    plot_run(out, doc, rows)
+    return doc
+
+
+_NUMERIC = {"start_s", "auc", "ndcg10", "hr10", "logloss", "upload_ms", "download_ms", "bus_ms", "cloud_ms",
+            "generation_ms", "finetune_ms", "compute_ms", "total_ms"}
+_INT = {"user", "index", "samples", "upload_bytes", "download_bytes"}
+
+
+def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
+    """The results document and the session rows of a run directory (for `duet report`)."""
+    results, sessions = run_dir / "results.json", run_dir / "sessions.csv"
+    for path in (results, sessions):
+        if not path.is_file():
+            raise DuetError(f"{path}: missing; is {run_dir} the output folder of `duet run`?")
+    try:
+        doc = json.loads(results.read_text())
+    except json.JSONDecodeError as exc:
+        raise DuetError(f"{results}: not valid JSON ({exc})") from exc
+    rows = []
+    with open(sessions, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), start=2):
+            try:
+                for key in _NUMERIC:
+                    row[key] = float(row[key])
+                for key in _INT:
+                    row[key] = int(row[key])
+                row["fallback"] = row["fallback"] == "True"
+            except (KeyError, ValueError) as exc:
+                raise DuetError(f"{sessions}:{line}: malformed row ({exc})") from exc
+            rows.append(row)
+    return doc, rows
+
+
+def rerender(run_dir: Path) -> dict:
+    """`duet report`: recompute the results document and the plots from the run's files."""
+    doc, rows = read_run(run_dir)
+    shifts = [{k: s[k] for k in ("label", "kind", "at_s", "devices")} for s in doc.get("shifts", [])]
+    new = summarize_run(doc["scenario"], rows, shifts, doc["run"])
+    (run_dir / "results.json").write_text(json.dumps(new, indent=2))
+    plot_run(run_dir, new, rows)
+    return new
+
+
+def run_table(doc: dict) -> Table:
+    run, scenario = doc["run"], doc["scenario"]
+    table = Table(
+        title=f"{scenario['name']}: {run['sessions']} sessions on {scenario['devices']} devices, "
+              f"{run['virtual_s'] / 3600:.2f} h virtual in {run['wall_s']:.0f} s wall",
+        caption="AUC per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
+                "+ cloud (this machine, over Kafka); modelled = radio upload + download (network profile); "
+                "device = fine-tuning + inference (measured x compute_factor).",
+    )
+    for name in ("Method", "Sessions", "AUC mean", "AUC std", "NDCG@10", "HR@10", "Fallbacks",
+                 "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
+        table.add_column(name, justify="left" if name == "Method" else "right", no_wrap=name == "Method")
+    for m, r in doc["methods"].items():
+        d = r["delay_ms"]
+        measured = d["measured"]["bus_ms"]["p50"] + d["measured"]["cloud_ms"]["p50"]
+        modelled = d["modelled"]["upload_ms"]["p50"] + d["modelled"]["download_ms"]["p50"]
+        device = d["measured"]["finetune_ms"]["p50"] + d["measured"]["compute_ms"]["p50"]
+        table.add_row(LABELS.get(m, m), str(r["sessions"]), f"{r['auc_mean']:.4f}", f"{r['auc_std']:.4f}",
+                      f"{r['ndcg10_mean']:.4f}", f"{r['hr10_mean']:.4f}", str(r["fallbacks"]),
+                      f"{d['total']['p50']:.2f}", f"{d['total']['p95']:.2f}", f"{measured:.2f}",
+                      f"{modelled:.3f}", f"{device:.2f}",
+                      f"{r['payload_bytes']['upload_mean']:.0f}/{r['payload_bytes']['download_mean']:.0f}")
+    return table
+
+
+# -- plots -------------------------------------------------------------------------------------------
+
+def plot_run(out: Path, doc: dict, rows: list[dict]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(doc["methods"])
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(methods)}
+    written = []
+    if doc["shifts"]:
+        written.append(_plot_shifts(plt, out, doc, rows, methods, colors))
+    if rows:
+        written.append(_plot_delays(plt, out, rows, methods, colors))
+    sweep = sorted({(_generators(doc, m), m) for m in methods if _generators(doc, m)})
+    if len({n for n, _ in sweep}) >= 3:  # a sweep, not just DUET against DUET w/o SWA
+        written.append(_plot_swa(plt, out, doc, sweep))
+    return written
+
+
+def _generators(doc: dict, method: str) -> int | None:
+    return doc["scenario"].get("generators", {}).get(method)
+
+
+def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str], colors: dict) -> Path:
+    shifts = doc["shifts"]
+    fig, axes = plt.subplots(1, len(shifts), figsize=(5.2 * len(shifts), 4.2), squeeze=False, sharey=True)
+    for ax, shift in zip(axes[0], shifts):
+        for i, m in enumerate(methods):
+            around = around_shift(rows, shift, m)
+            ks = [k for k in sorted(around) if around[k]]
+            mean = [np.mean(around[k]) for k in ks]
+            sem = [np.std(around[k], ddof=1) / np.sqrt(len(around[k])) if len(around[k]) > 1 else 0 for k in ks]
+            x = np.array(ks) + (i - (len(methods) - 1) / 2) * 0.06  # small dodge so error bars do not overlap
+            ax.errorbar(x, mean, yerr=sem, marker="o", ms=4, capsize=3, color=colors[m], label=LABELS.get(m, m))
+        ax.axvline(-0.5, color="grey", linestyle="--", linewidth=1)
+        ax.set_title(f"{shift['label']} ({shift['devices_shifted']} devices)")
+        ax.set_xlabel("session relative to the shift (0 = first after)")
+        ax.set_xticks(range(-AROUND, AROUND))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("AUC per session (mean ± s.e.)")
+    axes[0][-1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"{doc['scenario']['name']}: accuracy around each shift")
+    fig.tight_layout()
+    path = out / "accuracy_around_shifts.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: dict) -> Path:
+    profiles = sorted({r["profile"] for r in rows})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    ax = axes[0]
+    parts = [("upload_ms", "upload (modelled)"), ("bus_ms", "bus (measured)"),
+             ("cloud_ms", "cloud incl. generation (measured)"), ("download_ms", "download (modelled)"),
+             ("finetune_ms", "fine-tuning (measured)"), ("compute_ms", "inference (measured)")]
+    bottom = np.zeros(len(methods))
+    cmap = plt.get_cmap("Set2")
+    for j, (key, label) in enumerate(parts):
+        values = np.array([np.median([r[key] for r in rows if r["method"] == m]) for m in methods])
+        ax.bar([LABELS.get(m, m) for m in methods], values, bottom=bottom, label=label, color=cmap(j))
+        bottom += values
+    ax.set_ylabel("median delay per session (ms)")
+    ax.set_title("where the delay goes (medians of each part)")
+    ax.set_ylim(0, bottom.max() * 1.6 if bottom.max() > 0 else 1)  # room for the legend above the bars
+    ax.legend(fontsize=7, loc="upper left", ncol=2)
+    ax.tick_params(axis="x", labelsize=8)
+    ax = axes[1]
+    styles = ["-", "--", ":", "-."]
+    for m in methods:
+        for p, style in zip(profiles, styles * 4):
+            v = np.sort([r["total_ms"] for r in rows if r["method"] == m and r["profile"] == p])
+            if len(v):
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), style, color=colors[m],
+                        label=f"{LABELS.get(m, m)} · {p}")
+    ax.set_xscale("log")
+    ax.set_xlabel("delay per session (ms, log scale)")
+    ax.set_ylabel("share of sessions")
+    ax.set_title("delay distribution per method and network profile")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    path = out / "delays.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _plot_swa(plt, out: Path, doc: dict, sweep: list[tuple[int, str]]) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    n = [k for k, _ in sweep]
+    mean = [doc["methods"][m]["auc_mean"] for _, m in sweep]
+    sem = [doc["methods"][m]["auc_std"] / np.sqrt(doc["methods"][m]["sessions"]) for _, m in sweep]
+    ax.errorbar(n, mean, yerr=sem, marker="o", capsize=3)
+    ax.set_xticks(n)
+    ax.set_xlabel("SWA generators N_p (1 = DUET w/o SWA)")
+    ax.set_ylabel("AUC per session (mean ± s.e.)")
+    ax.set_title(f"{doc['scenario']['name']}: SWA ablation")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "swa_ablation.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -15,6 +15,10 @@ The recipe (paper 4.1.1; every number is a `PrepConfig` value):
 5. The *real-time samples* of a sample are the up to ``history_len`` clicks
    before the start of its session (see `sessions`), never the target itself.
    For the validation and test targets the session starts at the target.
+6. ``holdout`` (default 0) keeps the most recent fraction of each user's
+   timeline out of all of the above: training, validation and test use only
+   the part before it (`Prepared.known`), and the scenario runner streams the
+   held-out part as new sessions the models have never seen.
 
 Deterministic for a given seed: the evaluation negatives depend only on it.
 """
@@ -36,12 +40,15 @@ class PrepConfig:
     train_negatives: int = 4
     eval_negatives: int = 100
     sessions: SessionConfig = field(default_factory=SessionConfig)
+    holdout: float = 0.0  # most recent fraction of each timeline kept for streaming
 
     def __post_init__(self) -> None:
         for name in ("history_len", "train_negatives", "eval_negatives"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"data.{name}: must be a positive integer, got {value!r}")
+        if not 0 <= self.holdout < 1:
+            raise ConfigError(f"data.holdout: must be in [0, 1), got {self.holdout!r}")
 
 
 @dataclass
@@ -84,6 +91,7 @@ class Prepared:
     train_pos: np.ndarray  # position in the user's timeline
     train_session_start: np.ndarray  # position where its session starts
     seen_keys: np.ndarray  # sorted user * (n_items + 1) + item, for negative sampling
+    known: np.ndarray  # (n_users,) length of the part of each timeline that training and evaluation use
 
     def timeline(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
@@ -138,7 +146,7 @@ class Prepared:
         if split not in self.eval_negatives:
             raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
         users = np.arange(self.n_users) if users is None else np.asarray(users)
-        pos = self.lengths()[users] - (1 if split == "test" else 2)
+        pos = self.known[users] - (1 if split == "test" else 2)
         history, history_len = self.windows(users, pos)
         targets = np.concatenate(
             [self.items[self.offsets[users] + pos][:, None], self.eval_negatives[split][users]], axis=1
@@ -157,8 +165,11 @@ class Prepared:
         The ``count`` positions before the target, each with fresh training
         negatives: what on-device fine-tuning may learn from.
         """
-        end = int(self.lengths()[user]) - (1 if split == "test" else 2)
-        pos = np.arange(max(1, end - count), end)
+        end = int(self.known[user]) - (1 if split == "test" else 2)
+        return self.labelled(rng, user, np.arange(max(1, end - count), end))
+
+    def labelled(self, rng: np.random.Generator, user: int, pos: np.ndarray) -> Samples:
+        """Positions ``pos`` of a user's timeline, each with fresh training negatives."""
         users = np.full(len(pos), user)
         history, history_len = self.windows(users, pos)
         negatives = self.sample_negatives(rng, users, self.config.train_negatives)
@@ -190,12 +201,14 @@ def prepare(data: Interactions, config: PrepConfig | None = None, seed: int = 0)
             f"every user needs at least {MIN_INTERACTIONS} (train, validation, test)"
         )
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    # At least MIN_INTERACTIONS stay known; the held-out part may be empty.
+    known = np.maximum(np.ceil(counts * (1 - config.holdout)).astype(np.int64), MIN_INTERACTIONS)
     n_items = len(raw_items)
     seen_keys = np.unique(user_sorted.astype(np.int64) * (n_items + 1) + items)
 
     train_user, train_pos, train_start = [], [], []
     for u in range(len(raw_users)):
-        n = int(counts[u])
+        n = int(known[u])
         stop = n - 2  # positions [1, n-2) are training targets
         if stop <= 1:
             continue
@@ -220,6 +233,7 @@ def prepare(data: Interactions, config: PrepConfig | None = None, seed: int = 0)
         train_pos=np.concatenate(train_pos).astype(np.int64),
         train_session_start=np.concatenate(train_start).astype(np.int64),
         seen_keys=seen_keys,
+        known=known,
     )
     rng = np.random.default_rng(seed)
     for split in ("valid", "test"):

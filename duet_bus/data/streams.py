@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from duet_bus.data.prep import Prepared, Samples
+from duet_bus.data.sessions import session_bounds
 
 
 @dataclass
@@ -45,3 +46,94 @@ def offline_test_sessions(prepared: Prepared, users: np.ndarray | None = None, w
             recent=prepared.recent_labelled(rng, int(u), "test", with_recent) if with_recent else None,
         ))
     return out
+
+
+@dataclass
+class SourceSession:
+    """One held-out session of a user: the items clicked, in order, and when it began."""
+
+    user: int
+    items: np.ndarray
+    start_time: int  # dataset timestamp (seconds)
+
+
+def heldout_sessions(prepared: Prepared, user: int) -> list[SourceSession]:
+    """A user's held-out interactions (see `PrepConfig.holdout`) cut into sessions."""
+    begin, end = int(prepared.known[user]), int(prepared.lengths()[user])
+    times = prepared.times[prepared.offsets[user] : prepared.offsets[user + 1]]
+    items = prepared.timeline(user)
+    return [SourceSession(user, items[a:b].copy(), int(times[a]))
+            for a, b in session_bounds(times, begin, end, prepared.config.sessions)]
+
+
+def log_windows(log: np.ndarray, ends: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """The up to ``length`` items of ``log`` before each index in ``ends``, left-aligned, 0-padded."""
+    size = np.minimum(ends, length)
+    col = np.arange(length)
+    idx = (ends - size)[:, None] + col[None, :]
+    valid = col[None, :] < size[:, None]
+    padded = np.concatenate([log, [0]]).astype(np.int64)
+    return np.where(valid, padded[np.minimum(idx, len(log))], 0), size.astype(np.int64)
+
+
+class DeviceStream:
+    """What one simulated device clicks, session after session.
+
+    The device keeps its own click log: the history its backbone reads and the
+    real-time samples it uploads are the log's most recent items, so after a
+    shift (another user's stream, drifted items) the device's inputs change
+    the way a real device's would. ``transform`` is set by shifts that alter
+    the items a device clicks (`duet_bus.shifts`).
+    """
+
+    def __init__(self, index: int, prepared: Prepared, user: int, negatives: int) -> None:
+        self.index = index
+        self.prepared = prepared
+        self.device_id = f"d{index:05d}-u{int(prepared.raw_user_ids[user])}"
+        self.home_user = user
+        self.negatives = negatives
+        self.log = prepared.timeline(user)[: prepared.known[user]].copy()
+        self.switch_to(user)
+        self.transform = None  # (items, rng) -> items
+        self.sessions_done = 0
+
+    def switch_to(self, user: int) -> None:
+        """From now on, stream ``user``'s held-out sessions."""
+        self.user = user
+        self.queue = heldout_sessions(self.prepared, user)
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.queue
+
+    def next_session(self, rng: np.random.Generator, recent: int = 0) -> DeviceSession:
+        """Cut the device's next session: score each click given the clicks before it."""
+        source = self.queue.pop(0)
+        items = source.items if self.transform is None else self.transform(source.items, rng)
+        history_len = self.prepared.config.history_len
+        realtime = self.log[-history_len:].copy()
+        log = np.concatenate([self.log, items])
+        samples = self._samples(rng, log, np.arange(len(self.log), len(log)), self.negatives)
+        labelled = None
+        if recent:
+            labelled = self._samples(rng, self.log, np.arange(max(1, len(self.log) - recent), len(self.log)),
+                                     self.prepared.config.train_negatives)
+        self.log = log
+        self.sessions_done += 1
+        return DeviceSession(f"{self.device_id}-s{self.sessions_done}", self.device_id, realtime, samples, labelled)
+
+    def _samples(self, rng: np.random.Generator, log: np.ndarray, pos: np.ndarray, k: int) -> Samples:
+        history, history_len = log_windows(log, pos, self.prepared.config.history_len)
+        users = np.full(len(pos), self.user)
+        positives = log[pos]
+        negatives = self.prepared.sample_negatives(rng, users, k)
+        clash = negatives == positives[:, None]  # a drifted click can be an item this user never saw
+        while clash.any():
+            negatives[clash] = self.prepared.sample_negatives(rng, users[: int(clash.sum())], 1)[:, 0]
+            clash = negatives == positives[:, None]
+        targets = np.concatenate([positives[:, None], negatives], axis=1)
+        labels = np.zeros(targets.shape, np.float32)
+        labels[:, 0] = 1.0
+        zeros = np.zeros(len(pos), np.int64)
+        return Samples(users, history, history_len, history.copy(), history_len.copy(), targets, labels,
+                       np.ones(len(pos), np.float32), zeros)

@@ -1,0 +1,432 @@
+"""The scenario runner: a simpy discrete-event co-simulation with the real bus.
+
+Virtual time belongs to simpy. Each device is a simpy process that waits for
+its next session (Poisson arrivals, or the dataset's own timestamps replayed
+with a time scale), cuts the session from its stream (`DeviceStream`) and
+hands it to the runner; each shift is a process that changes some devices'
+streams at its time. Arrivals are aligned to the scenario's ``window`` so that
+sessions of one window start at the same virtual instant.
+
+At every instant with sessions the runner leaves simpy and does the real work:
+every session that needs the cloud goes over the bus to the real generator
+service and back, all of that instant's requests at once (so the cloud sees
+real batches); then the device-side methods (base, on-device fine-tuning) run
+one after the other, so their measured compute is not inflated by the
+round trips. What the code can measure is measured (bus round trip, cloud
+time, generation, fine-tuning, inference); the radio link is modelled
+(`NetworkProfile`: bytes / bandwidth + latency each way). Each session's
+delay enters virtual time: a device starts waiting for its next session only
+when every method has its weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from cloud import CloudConfig, GeneratorService
+from devices import DeviceAgent, Fleet, FleetConfig
+from duet_bus import checkpoint
+from duet_bus.broker import BrokerError, EmbeddedBroker
+from duet_bus.bus import KafkaBus, MemoryBus, Topics
+from duet_bus.checkpoint import Checkpoint
+from duet_bus.data import load_dataset, prepare
+from duet_bus.data.prep import PrepConfig, Prepared
+from duet_bus.data.sessions import SessionConfig
+from duet_bus.data.streams import DeviceSession, DeviceStream
+from duet_bus.errors import ConfigError
+from duet_bus.finetune import FinetuneConfig
+from duet_bus.metrics import ranking_metrics
+from duet_bus.models import ModelConfig, PPGConfig
+from duet_bus.protocol import SessionReport
+from duet_bus.report import write_run
+from duet_bus.scenario import NetworkProfile, Scenario
+from duet_bus.shifts import SHIFTS
+from duet_bus.train import TrainConfig
+
+LOCAL_METHODS = ("base", "finetune")
+
+
+@dataclass
+class SessionRecord:
+    """One method's result for one session: a row of ``sessions.csv``."""
+
+    session_id: str
+    device_id: str
+    user: int  # raw id of the user whose clicks the session holds
+    method: str
+    profile: str
+    start_s: float  # virtual
+    index: int  # the device's n-th session
+    samples: int
+    auc: float
+    ndcg10: float
+    hr10: float
+    logloss: float
+    fallback: bool
+    upload_bytes: int
+    download_bytes: int
+    upload_ms: float  # modelled
+    download_ms: float  # modelled
+    bus_ms: float  # measured
+    cloud_ms: float  # measured (includes generation)
+    generation_ms: float  # measured
+    finetune_ms: float  # measured x compute_factor
+    compute_ms: float  # measured x compute_factor
+    total_ms: float
+
+
+@dataclass
+class ShiftEvent:
+    label: str
+    kind: str
+    at_s: float
+    devices: list[str]
+
+
+@dataclass
+class RunState:
+    """What the dashboard and the report read; the runner keeps it current."""
+
+    scenario: Scenario
+    records: list[SessionRecord] = field(default_factory=list)
+    shifts: list[ShiftEvent] = field(default_factory=list)
+    now_s: float = 0.0
+    wall_start: float = field(default_factory=time.perf_counter)
+    wall_s: float = 0.0
+    sessions: int = 0
+    fallbacks: int = 0
+    devices_active: int = 0
+    finished: bool = False
+    interrupted: bool = False
+    cloud: list[GeneratorService] = field(default_factory=list)
+    fleet: Fleet | None = None
+
+
+@dataclass
+class _Job:
+    device: DeviceStream
+    session: DeviceSession
+    start_s: float
+    done: simpy.Event
+    delay_s: float = 0.0
+
+
+def choose_users(scenario: Scenario, prepared: Prepared, rng: np.random.Generator) -> np.ndarray:
+    """The user each device starts with: the first users, random users, or the listed raw ids.
+
+    More devices than users reuse users round-robin (each device keeps its own stream and log).
+    """
+    streaming = np.flatnonzero(prepared.lengths() > prepared.known)  # users with held-out sessions
+    if isinstance(scenario.users, tuple):
+        index = {int(raw): i for i, raw in enumerate(prepared.raw_user_ids)}
+        missing = [u for u in scenario.users if u not in index]
+        if missing:
+            raise ConfigError(f"devices.users: user {missing[0]} is not in {prepared.name}")
+        pool = np.array([index[u] for u in scenario.users])
+    elif scenario.users == "random":
+        pool = rng.permutation(streaming)
+    else:
+        pool = streaming
+    if len(pool) == 0:
+        raise ConfigError("devices.users: no user has held-out sessions to stream (raise data.holdout)")
+    return pool[np.arange(scenario.device_count) % len(pool)]
+
+
+class Runner:
+    def __init__(self, scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bus,
+                 topics: Topics | None = None, on_step: Callable[[RunState], None] | None = None) -> None:
+        self.scenario = scenario
+        self.prepared = prepared
+        self.checkpoints = checkpoints
+        self.bus = bus
+        self.topics = topics or Topics()
+        self.on_step = on_step
+        self.state = RunState(scenario)
+        self.env = simpy.Environment()
+        self.pending: list[_Job] = []
+        seed = scenario.seed
+        self._rng = lambda *key: np.random.default_rng([seed, *key])
+        users = choose_users(scenario, prepared, self._rng(0))
+        self.devices = [DeviceStream(i, prepared, int(u), scenario.eval_negatives) for i, u in enumerate(users)]
+        names = list(scenario.network_mix)
+        shares = np.array([scenario.network_mix[n] for n in names])
+        picks = self._rng(1).choice(len(names), size=len(self.devices), p=shares / shares.sum())
+        self.profile: dict[str, NetworkProfile] = {
+            d.device_id: scenario.profiles[names[k]] for d, k in zip(self.devices, picks)}
+        self.shifts = [SHIFTS[s.kind](prepared, s.params) for s in scenario.shifts]
+        self.agents: dict[tuple[str, str], DeviceAgent] = {}
+        self._first_time = min((int(prepared.times[prepared.offsets[d.user] + prepared.known[d.user]])
+                                for d in self.devices if not d.exhausted), default=0)
+        self.finetune = FinetuneConfig(steps=scenario.finetune_steps, lr=scenario.finetune_lr,
+                                       recent=scenario.finetune_recent)
+        self.recent = scenario.finetune_recent if "finetune" in scenario.methods else 0
+
+    # -- simpy processes -------------------------------------------------------------------------
+
+    def _next_start(self, device: DeviceStream, rng: np.random.Generator) -> float:
+        s = self.scenario
+        if s.arrivals == "poisson":
+            t = self.env.now + rng.exponential(3600.0 / s.rate_per_hour)
+        else:
+            t = max(self.env.now, (device.queue[0].start_time - self._first_time) * s.time_scale)
+        return math.ceil(t / s.window_s - 1e-9) * s.window_s
+
+    def _device(self, device: DeviceStream):
+        rng = self._rng(2, device.index)
+        while not device.exhausted:
+            start = self._next_start(device, rng)
+            if start >= self.scenario.duration_s:
+                return
+            yield self.env.timeout(start - self.env.now)
+            if device.exhausted:  # nothing left to click
+                return
+            job = _Job(device, device.next_session(rng, self.recent), self.env.now, self.env.event())
+            self.pending.append(job)
+            yield job.done
+            yield self.env.timeout(job.delay_s)
+
+    def _shift(self, index: int):
+        spec = self.scenario.shifts[index]
+        yield self.env.timeout(spec.at_s)
+        rng = self._rng(3, index)
+        if spec.devices is not None:
+            wanted = set(spec.devices)
+            chosen = [d for d in self.devices if int(self.prepared.raw_user_ids[d.home_user]) in wanted]
+        else:
+            count = max(1, round(spec.fraction * len(self.devices)))
+            chosen = [self.devices[i] for i in sorted(rng.choice(len(self.devices), count, replace=False))]
+        for device in chosen:
+            self.shifts[index].apply(device, rng)
+        self.state.shifts.append(ShiftEvent(spec.label, spec.kind, spec.at_s, [d.device_id for d in chosen]))
+
+    # -- the real work ---------------------------------------------------------------------------
+
+    def _agent(self, device: DeviceStream, method: str) -> DeviceAgent:
+        key = (device.device_id, method)
+        agent = self.agents.get(key)
+        if agent is None:
+            ckpt = self.checkpoints["base" if method in LOCAL_METHODS else method]
+            agent = self.agents[key] = DeviceAgent(device.device_id, ckpt, self.state.fleet, method)
+        return agent
+
+    async def _serve(self, jobs: list[_Job]) -> None:
+        fleet = self.state.fleet
+        cloud = [m for m in self.scenario.methods if m not in LOCAL_METHODS]
+        local = [m for m in self.scenario.methods if m in LOCAL_METHODS]
+        requests = [(job, m, replace(job.session, session_id=f"{job.session.session_id}-{m}"))
+                    for job in jobs for m in cloud]
+        reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests))
+        results = [(job, m, r) for (job, m, _), r in zip(requests, reports)]
+        for job in jobs:
+            for m in local:
+                results.append((job, m, await fleet.run(self._agent(job.device, m), job.session)))
+        for job, method, report in results:
+            record = self._record(job, method, report)
+            job.delay_s = max(job.delay_s, record.total_ms / 1000)
+            self.state.records.append(record)
+            self.state.fallbacks += record.fallback
+        self.state.sessions += len(jobs)
+
+    def _record(self, job: _Job, method: str, report: SessionReport) -> SessionRecord:
+        k = self.scenario.eval_negatives + 1
+        metrics = ranking_metrics(report.scores.reshape(-1, k))
+        d = report.delay_ms
+        factor = self.scenario.compute_factor
+        profile = self.profile[job.device.device_id]
+        up, down = report.payload_bytes.get("upload", 0), report.payload_bytes.get("download", 0)
+        upload_ms = profile.transfer_ms(up) if up else 0.0
+        download_ms = profile.transfer_ms(down) if down else 0.0
+        compute = d.get("device_compute_ms", 0.0) * factor
+        finetune = d.get("finetune_ms", 0.0) * factor
+        if report.fallback:
+            waited = self.scenario.deadline_s * 1000
+        else:
+            waited = d.get("bus_ms", 0.0) + d.get("cloud_ms", 0.0)
+        return SessionRecord(
+            session_id=job.session.session_id, device_id=job.device.device_id,
+            user=int(self.prepared.raw_user_ids[job.device.user]), method=method, profile=profile.name,
+            start_s=job.start_s, index=job.device.sessions_done, samples=len(job.session.samples),
+            auc=metrics["auc"], ndcg10=metrics["ndcg10"], hr10=metrics["hr10"], logloss=metrics["logloss"],
+            fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
+            download_ms=download_ms, bus_ms=d.get("bus_ms", 0.0), cloud_ms=d.get("cloud_ms", 0.0),
+            generation_ms=d.get("generation_ms", 0.0), finetune_ms=finetune, compute_ms=compute,
+            total_ms=upload_ms + waited + download_ms + finetune + compute,
+        )
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    async def run(self) -> RunState:
+        s = self.scenario
+        bus = self.bus
+        await bus.ensure_topics(self.topics.all())
+        versions = {m: c for m, c in self.checkpoints.items() if m not in LOCAL_METHODS}
+        services = [GeneratorService(bus, list(versions.values()), CloudConfig(
+            group_id=f"duet-run-{s.name}", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
+            weight_encoding=s.weight_encoding, topics=self.topics)) for _ in range(s.workers)]
+        fleet = Fleet(bus, FleetConfig(fleet_id=f"run-{s.name}", deadline_s=s.deadline_s, topics=self.topics,
+                                       finetune=self.finetune))
+        stop = asyncio.Event()
+        tasks = []
+        self.state.cloud, self.state.fleet = services, fleet
+        try:
+            for service in services:
+                await service.start()
+                tasks.append(asyncio.create_task(service.run(stop)))
+            await fleet.start()
+            await self._cloud_ready(services)
+            for i in range(len(s.shifts)):
+                self.env.process(self._shift(i))
+            for device in self.devices:
+                self.env.process(self._device(device))
+            await self._loop()
+            self.state.finished = True
+        except asyncio.CancelledError:
+            self.state.interrupted = True
+            raise
+        finally:
+            stop.set()
+            for task in tasks:
+                try:
+                    await asyncio.wait_for(task, 10)
+                except (asyncio.TimeoutError, asyncio.CancelledError):
+                    task.cancel()
+            await fleet.stop()
+            for service in services:
+                await service.stop()
+            self._tick(min(self.env.now, s.duration_s) if not self.state.finished else s.duration_s)
+        return self.state
+
+    async def _cloud_ready(self, services: list[GeneratorService], timeout_s: float = 30.0) -> None:
+        """Wait until the workers' group owns every session partition: no session waits for a rebalance."""
+        wanted = {(self.topics.sessions, p) for p in range(self.topics.session_partitions)}
+        deadline = time.monotonic() + timeout_s
+        while set().union(*(svc.consumer.assignment() for svc in services)) != wanted:
+            if time.monotonic() > deadline:
+                raise BrokerError(f"the cloud workers were not assigned the {self.topics.sessions} partitions "
+                                  f"within {timeout_s:.0f} s")
+            await asyncio.sleep(0.05)
+
+    async def _loop(self) -> None:
+        env, duration = self.env, self.scenario.duration_s
+        while env.peek() < duration:
+            now = env.peek()
+            while env.peek() == now:
+                env.step()
+            if self.pending:
+                jobs, self.pending = self.pending, []
+                await self._serve(jobs)
+                for job in jobs:
+                    job.done.succeed()
+            self._tick(now)
+
+    def _tick(self, now: float) -> None:
+        self.state.now_s = now
+        self.state.wall_s = time.perf_counter() - self.state.wall_start
+        self.state.devices_active = sum(not d.exhausted for d in self.devices)
+        if self.on_step is not None:
+            self.on_step(self.state)
+
+
+# -- a whole run ------------------------------------------------------------------------------------
+
+def scenario_doc(scenario: Scenario) -> dict:
+    """The scenario as results.json records it."""
+    doc = asdict(scenario)
+    doc["profiles"] = {name: asdict(p) for name, p in scenario.profiles.items()}
+    doc["shifts"] = [asdict(sh) for sh in scenario.shifts]
+    doc["devices"] = scenario.device_count
+    doc["generators"] = {m: scenario.generators(m) for m in scenario.methods if scenario.generators(m)}
+    return json.loads(json.dumps(doc))  # plain JSON types, as the file will hold them
+
+
+def load_checkpoints(scenario: Scenario, prepared: Prepared, progress=None) -> dict[str, Checkpoint]:
+    """The scenario's checkpoints: the given files, the rest trained once and cached next to the output."""
+    needed = {"base" if m in LOCAL_METHODS else m for m in scenario.methods}
+    out: dict[str, Checkpoint] = {}
+    train = TrainConfig(epochs=scenario.epochs, batch_size=scenario.batch_size)
+    for method in sorted(needed):
+        if method in scenario.checkpoints:
+            ckpt = checkpoint.load(scenario.checkpoints[method])
+            if ckpt.prep != prepared.config or ckpt.dataset != prepared.name:
+                raise ConfigError(f"model.checkpoints.{method}: {scenario.checkpoints[method]} was trained on "
+                                  f"{ckpt.dataset} with {ckpt.prep}, the scenario streams {prepared.name} with "
+                                  f"{prepared.config}; streamed sessions must be held out of training "
+                                  f"(`duet train --holdout {scenario.holdout}`)")
+        else:
+            n_p = scenario.generators(method)
+            ppg = None if n_p is None else PPGConfig(n_generators=n_p, tau=scenario.tau)
+            config = ModelConfig(backbone=scenario.backbone, ppg=ppg)
+            ckpt = checkpoint.cached(Path(scenario.output).parent / ".checkpoints", prepared, config, train,
+                                     scenario.seed, progress=progress)
+        expected = "base" if method == "base" else "duet"
+        if (ckpt.model.config.ppg is None) != (expected == "base"):
+            raise ConfigError(f"model.checkpoints.{method}: {ckpt.model_version} is not a {method} model")
+        out[method] = ckpt
+    return out
+
+
+def prepare_data(scenario: Scenario) -> Prepared:
+    data = load_dataset(scenario.dataset, scenario.data_path)
+    config = PrepConfig(history_len=scenario.history_len, eval_negatives=scenario.eval_negatives,
+                        sessions=SessionConfig(length=scenario.session_length), holdout=scenario.holdout)
+    return prepare(data, config, seed=scenario.seed)
+
+
+async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
+                    on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None) -> RunState:
+    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap)
+    await bus.start()
+    try:
+        return await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step).run()
+    finally:
+        await bus.stop()
+
+
+def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint],
+                 on_step: Callable[[RunState], None] | None = None) -> tuple[dict, Path]:
+    """Run a scenario end to end and write its report; return the results document and the output folder.
+
+    The embedded broker (when the scenario names no bootstrap servers) lives
+    exactly as long as the run, Ctrl-C included; on Ctrl-C the sessions done
+    so far are still written, marked as interrupted.
+    """
+    broker = EmbeddedBroker() if scenario.bus_kind == "kafka" and not scenario.bootstrap else None
+    holder: dict[str, RunState] = {}
+
+    def step(s: RunState) -> None:
+        holder["state"] = s
+        if on_step is not None:
+            on_step(s)
+
+    try:
+        if broker is not None:
+            broker.start()
+        bootstrap = broker.bootstrap if broker is not None else scenario.bootstrap
+        state = asyncio.run(run_async(scenario, prepared, checkpoints, bootstrap, step))
+    except KeyboardInterrupt:
+        state = holder.get("state")
+        if state is None:
+            raise
+        state.interrupted = True
+    finally:
+        if broker is not None:
+            broker.stop()
+    out = Path(scenario.output)
+    run = {"virtual_s": state.now_s, "wall_s": state.wall_s, "speedup": state.now_s / max(state.wall_s, 1e-9),
+           "sessions": state.sessions, "finished": state.finished, "interrupted": state.interrupted,
+           "checkpoints": {m: c.model_version for m, c in checkpoints.items()},
+           "cloud": {"workers": len(state.cloud), "served": sum(c.stats.served for c in state.cloud),
+                     "batches": sum(c.stats.batches for c in state.cloud),
+                     "dead_letters": sum(c.stats.dead_letters for c in state.cloud)},
+           "fleet": asdict(state.fleet.stats) if state.fleet else {}}
+    doc = write_run(out, scenario_doc(scenario), state.records, state.shifts, run)
+    return doc, out

@@ -1,0 +1,90 @@
+"""Scenario files: every problem reported at once, each with its path."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from duet_bus.cli import main
+from duet_bus.scenario import ScenarioError, load_scenario, parse_duration, parse_scenario
+
+SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.yaml"))
+
+
+def minimal(**extra) -> dict:
+    return {"name": "t", "duration": "1h", **extra}
+
+
+def problems(doc) -> list[str]:
+    with pytest.raises(ScenarioError) as err:
+        parse_scenario(doc)
+    return err.value.problems
+
+
+def test_defaults_fill_a_minimal_scenario():
+    s = parse_scenario(minimal())
+    assert s.duration_s == 3600 and s.methods == ("base", "finetune", "duet_no_swa", "duet")
+    assert s.bus_kind == "kafka" and s.bootstrap is None  # the embedded broker, never the memory bus
+    assert set(s.network_mix) == {"4g_5", "4g_15", "5g_50", "5g_100"}
+    assert s.profiles["4g_5"].transfer_ms(5_000_000) == pytest.approx(1000.0)
+
+
+def test_every_problem_is_reported_with_its_path():
+    found = problems({
+        "name": "t", "duration": "soon", "devices": {"count": -3, "colour": "red", "network": {"6g": 1}},
+        "methods": ["base", "magic"], "shifts": [{"kind": "earthquake", "at": "1h"}, {"kind": "handover"}],
+        "cloud": {"weight_encoding": "float8"}, "data": {"holdout": 1.5},
+    })
+    text = "\n".join(found)
+    for expected in (
+        "devices.count: must be a positive integer, got -3",
+        "devices.colour: unknown key",
+        "devices.network.6g: unknown profile",
+        "methods[1]: must be base, finetune, duet_no_swa, duet or duet_npN, got 'magic'",
+        "shifts[0].kind: must be one of",
+        "shifts[1].at: is required",
+        "cloud.weight_encoding: must be one of float32, float16, int8, got 'float8'",
+        "data.holdout: must be less than 1, got 1.5",
+        "duration: must be a duration",
+    ):
+        assert expected in text, f"{expected!r} not in\n{text}"
+
+
+def test_shift_parameters_and_times_are_checked():
+    found = problems(minimal(shifts=[
+        {"kind": "interest_drift", "at": "2h", "strength": 2},
+        {"kind": "handover", "at": "10m", "fraction": 0.5, "devices": [1]},
+        {"kind": "handover", "at": "10m", "strength": 0.5},
+    ]))
+    text = "\n".join(found)
+    assert "shifts[0].strength: must be a number in (0, 1], got 2" in text
+    assert "shifts[0].at: must be before the end of the run (1h), got 2h" in text
+    assert "shifts[1]: give either fraction or devices, not both" in text
+    assert "shifts[2].strength: unknown key" in text
+
+
+def test_ml1m_needs_a_path_and_an_empty_file_is_an_error(tmp_path):
+    assert "data.path: ml-1m is not bundled" in problems(minimal(data={"dataset": "ml-1m"}))[0]
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ScenarioError, match="must be a mapping"):
+        load_scenario(empty)
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("30m", 1800), ("2h", 7200), ("1d", 86400), (12, 12.0),
+                                           ("1.5h", 5400), ("soon", None), (True, None)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
+def test_shipped_scenarios_are_valid(path):
+    load_scenario(path)
+
+
+def test_duet_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "duration": "1h", "devices": {"count": 0}, "seed": "a"}))
+    assert main(["validate", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "devices.count: must be a positive integer, got 0" in err and "seed: must be an integer" in err

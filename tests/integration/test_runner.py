@@ -1,0 +1,98 @@
+"""A tiny scenario end to end on the real embedded broker."""
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
+from duet_bus.scenario import load_scenario
+from duet_bus.testing import write_udata, write_uitem
+
+
+@pytest.fixture(scope="module")
+def scenario_file(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("scenario")
+    write_uitem(folder / "u.item")
+    data = write_udata(folder / "u.data", per_user=40)
+    doc = {
+        "name": "tiny", "seed": 3,
+        "data": {"dataset": "ml-100k", "path": str(data), "history_len": 5, "session_length": 3,
+                 "holdout": 0.3, "eval_negatives": 20},
+        "model": {"backbone": "gru4rec", "epochs": 2, "batch_size": 64, "swa": {"generators": 3}},
+        "methods": ["base", "finetune", "duet_no_swa", "duet"],
+        "finetune": {"steps": 3},
+        "devices": {"count": 16, "network": {"4g_5": 1, "5g_100": 1}, "deadline": "20s"},
+        "arrivals": {"kind": "poisson", "rate_per_hour": 2},
+        "shifts": [{"kind": "handover", "at": "1h", "fraction": 0.5}],
+        "window": "5m", "duration": "3h", "output": str(folder / "runs" / "tiny"), "dashboard": False,
+    }
+    path = folder / "tiny.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def run(path, label, bootstrap):
+    """Run the scenario into a sibling of its output folder, so that every run shares the checkpoint cache."""
+    from dataclasses import replace
+
+    scenario = load_scenario(path)
+    scenario = replace(scenario, output=str(Path(scenario.output).parent / label), bootstrap=bootstrap)
+    prepared = prepare_data(scenario)
+    return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared))
+
+
+def rows(out):
+    with open(out / "sessions.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
+    doc, out = run(scenario_file, "first", kafka_bootstrap)
+    assert doc["run"]["finished"] and not doc["run"]["interrupted"]
+    assert set(doc["methods"]) == {"base", "finetune", "duet_no_swa", "duet"}
+    for m, r in doc["methods"].items():
+        assert r["sessions"] == doc["run"]["sessions"] > 0
+        assert 0 <= r["auc_mean"] <= 1 and r["fallbacks"] == 0
+        assert set(r["delay_ms"]["measured"]) == {"bus_ms", "cloud_ms", "generation_ms", "finetune_ms", "compute_ms"}
+        assert set(r["delay_ms"]["modelled"]) == {"upload_ms", "download_ms"}
+    duet = doc["methods"]["duet"]
+    assert duet["delay_ms"]["measured"]["generation_ms"]["p50"] > 0 and duet["payload_bytes"]["download_mean"] > 0
+    assert doc["methods"]["base"]["payload_bytes"]["upload_mean"] == 0  # base never asks the cloud
+    assert doc["run"]["cloud"]["served"] == 2 * doc["run"]["sessions"]  # duet_no_swa and duet, over Kafka
+    assert {p.name for p in out.glob("*.png")} == {"accuracy_around_shifts.png", "delays.png"}
+    assert json.loads((out / "results.json").read_text()) == doc
+
+    # The shift is in the per-session data: shifted devices stream another user's sessions after it.
+    (shift,) = doc["shifts"]
+    assert shift["kind"] == "handover" and shift["devices_shifted"] == 8
+    table = rows(out)
+    moved = {r["device_id"] for r in table if float(r["start_s"]) >= shift["at_s"]
+             and r["user"] != r["device_id"].split("-u")[1]}
+    assert moved and moved <= set(shift["devices"])
+    before = [r for r in table if float(r["start_s"]) < shift["at_s"]]
+    assert all(r["user"] == r["device_id"].split("-u")[1] for r in before)
+    assert shift["around"]["duet"]["0"]["sessions"] > 0
+
+
+def test_same_seed_same_sessions_and_accuracy(scenario_file, kafka_bootstrap):
+    _, a = run(scenario_file, "again-a", kafka_bootstrap)
+    _, b = run(scenario_file, "again-b", kafka_bootstrap)
+    ra, rb = rows(a), rows(b)
+    assert [(r["session_id"], r["method"], r["start_s"], r["user"]) for r in ra] == \
+           [(r["session_id"], r["method"], r["start_s"], r["user"]) for r in rb]
+    assert [float(r["auc"]) for r in ra] == pytest.approx([float(r["auc"]) for r in rb], abs=1e-9)
+
+
+def test_report_rerenders_from_the_files(scenario_file, kafka_bootstrap, capsys):
+    from duet_bus.cli import main
+
+    doc, out = run(scenario_file, "rerender", kafka_bootstrap)
+    for png in out.glob("*.png"):
+        png.unlink()
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == doc["methods"]
+    assert (out / "accuracy_around_shifts.png").is_file()
+    assert "DUET" in capsys.readouterr().out
