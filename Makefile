@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-slow demo bench bench-bus clean
+.PHONY: venv test test-slow demo bench bench-bus bench-runner clean
 
 venv: $(STAMP)
 
@@ -26,13 +26,16 @@ test-slow: venv
 	$(PY) -m pytest -q -m slow
 
 demo: venv
-	$(VENV)/bin/duet evaluate --dataset ml-100k --backbone gru4rec --seeds 1 --epochs 4 --out runs/demo-results.json
+	$(VENV)/bin/duet run scenarios/quickstart.yaml
 
 bench: venv
 	$(PY) bench/bench_model.py
 
 bench-bus: venv
 	$(PY) bench/bench_bus.py
+
+bench-runner: venv
+	$(PY) bench/bench_runner.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

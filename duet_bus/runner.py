@@ -375,10 +375,16 @@ def load_checkpoints(scenario: Scenario, prepared: Prepared, progress=None) -> d
 
 
 def prepare_data(scenario: Scenario) -> Prepared:
+    """Load and prepare the scenario's data; check the parts of the scenario that depend on it."""
     data = load_dataset(scenario.dataset, scenario.data_path)
     config = PrepConfig(history_len=scenario.history_len, eval_negatives=scenario.eval_negatives,
                         sessions=SessionConfig(length=scenario.session_length), holdout=scenario.holdout)
-    return prepare(data, config, seed=scenario.seed)
+    prepared = prepare(data, config, seed=scenario.seed)
+    # What only the data can tell (unknown user ids, genres), before anything is trained.
+    choose_users(scenario, prepared, np.random.default_rng(0))
+    for spec in scenario.shifts:
+        SHIFTS[spec.kind](prepared, spec.params)
+    return prepared
 
 
 async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
