@@ -15,8 +15,8 @@ one after the other, so their measured compute is not inflated by the
 round trips. What the code can measure is measured (bus round trip, cloud
 time, generation, fine-tuning, inference); the radio link is modelled
 (`NetworkProfile`: bytes / bandwidth + latency each way). Each session's
-delay enters virtual time: a device starts waiting for its next session only
-when every method has its weights.
+delay enters virtual time: a device's next session starts no earlier than
+the moment every method of its previous one had its weights.
 """
 
 from __future__ import annotations
@@ -172,18 +172,22 @@ class Runner:
 
     # -- simpy processes -------------------------------------------------------------------------
 
-    def _next_start(self, device: DeviceStream, rng: np.random.Generator) -> float:
+    def _next_start(self, device: DeviceStream, rng: np.random.Generator, last: float) -> float:
+        """The next arrival: counted from the last one (not from when its delay ended), so that
+        measured delays move a start only when they overlap the next arrival; a run stays
+        reproducible unless a session's delay is longer than the gap to the next."""
         s = self.scenario
         if s.arrivals == "poisson":
-            t = self.env.now + rng.exponential(3600.0 / s.rate_per_hour)
+            t = last + rng.exponential(3600.0 / s.rate_per_hour)
         else:
-            t = max(self.env.now, (device.queue[0].start_time - self._first_time) * s.time_scale)
-        return math.ceil(t / s.window_s - 1e-9) * s.window_s
+            t = (device.queue[0].start_time - self._first_time) * s.time_scale
+        return math.ceil(max(t, self.env.now) / s.window_s - 1e-9) * s.window_s
 
     def _device(self, device: DeviceStream):
         rng = self._rng(2, device.index)
+        start = 0.0
         while not device.exhausted:
-            start = self._next_start(device, rng)
+            start = self._next_start(device, rng, start)
             if start >= self.scenario.duration_s:
                 return
             yield self.env.timeout(start - self.env.now)
@@ -225,15 +229,16 @@ class Runner:
         requests = [(job, m, replace(job.session, session_id=f"{job.session.session_id}-{m}"))
                     for job in jobs for m in cloud]
         reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests))
-        results = [(job, m, r) for (job, m, _), r in zip(requests, reports)]
+        results = {(id(job), m): r for (job, m, _), r in zip(requests, reports)}
         for job in jobs:
             for m in local:
-                results.append((job, m, await fleet.run(self._agent(job.device, m), job.session)))
-        for job, method, report in results:
-            record = self._record(job, method, report)
-            job.delay_s = max(job.delay_s, record.total_ms / 1000)
-            self.state.records.append(record)
-            self.state.fallbacks += record.fallback
+                results[id(job), m] = await fleet.run(self._agent(job.device, m), job.session)
+        for job in jobs:
+            for method in self.scenario.methods:
+                record = self._record(job, method, results[id(job), method])
+                job.delay_s = max(job.delay_s, record.total_ms / 1000)
+                self.state.records.append(record)
+                self.state.fallbacks += record.fallback
         self.state.sessions += len(jobs)
 
     def _record(self, job: _Job, method: str, report: SessionReport) -> SessionRecord:
@@ -322,7 +327,7 @@ class Runner:
             while env.peek() == now:
                 env.step()
             if self.pending:
-                jobs, self.pending = self.pending, []
+                jobs, self.pending = sorted(self.pending, key=lambda j: j.device.index), []
                 await self._serve(jobs)
                 for job in jobs:
                     job.done.succeed()
@@ -381,9 +386,14 @@ def prepare_data(scenario: Scenario) -> Prepared:
                         sessions=SessionConfig(length=scenario.session_length), holdout=scenario.holdout)
     prepared = prepare(data, config, seed=scenario.seed)
     # What only the data can tell (unknown user ids, genres), before anything is trained.
-    choose_users(scenario, prepared, np.random.default_rng(0))
-    for spec in scenario.shifts:
+    chosen = choose_users(scenario, prepared, np.random.default_rng([scenario.seed, 0]))
+    users = {int(prepared.raw_user_ids[u]) for u in chosen}
+    for i, spec in enumerate(scenario.shifts):
         SHIFTS[spec.kind](prepared, spec.params)
+        absent = [u for u in spec.devices or () if u not in users]
+        if absent:
+            raise ConfigError(f"shifts[{i}].devices: user {absent[0]} has no device in this run "
+                              f"(devices.users / devices.count decide which users do)")
     return prepared
 
 
