@@ -17,7 +17,7 @@ from rich.console import Console
 from duet_bus.errors import DuetError
 
 # Piped output (CI logs, `| tee`) gets a width the Table-1 layout fits in.
-console = Console() if sys.stdout.isatty() else Console(width=140)
+console = Console() if sys.stdout.isatty() else Console(width=160)
 err_console = Console(stderr=True, soft_wrap=True)
 
 

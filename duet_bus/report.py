@@ -193,9 +193,11 @@ def run_table(doc: dict) -> Table:
     run, scenario = doc["run"], doc["scenario"]
     table = Table(
         title=f"{scenario['name']}: {run['sessions']} sessions on {scenario['devices']} devices, "
-              f"{run['virtual_s'] / 3600:.2f} h virtual in {run['wall_s']:.0f} s wall",
+              f"{run['virtual_s'] / 3600:.2f} h virtual in {run['wall_s']:.0f} s wall"
+              + (" (INTERRUPTED: partial)" if run.get("interrupted") else ""),
         caption="AUC per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
-                "+ cloud (this machine, over Kafka); modelled = radio upload + download (network profile); "
+                f"+ cloud (this machine, {'in-process bus' if scenario['bus_kind'] == 'memory' else 'over Kafka'}); "
+                "modelled = radio upload + download (network profile); "
                 "device = fine-tuning + inference (measured x compute_factor).",
     )
     for name in ("Method", "Sessions", "AUC mean", "AUC std", "NDCG@10", "HR@10", "Fallbacks",
