@@ -12,11 +12,13 @@ On one embedded broker, prints:
 - sessions per second of one cloud worker draining a backlog.
 
 Absolute times are this machine's; the ratios are what to compare.
-Run: `make bench-bus` (or python bench/bench_bus.py).
+Run: `make bench-bus` (or python bench/bench_bus.py [--max-wait-ms T], the
+cloud worker's micro-batch wait, default 2).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import signal
 import subprocess
@@ -113,7 +115,7 @@ async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> lis
     return out
 
 
-async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions) -> float:
+async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_ms: float) -> float:
     tag = uuid.uuid4().hex[:8]
     topics = Topics(sessions=f"s-{tag}", weights=f"w-{tag}", reports=f"r-{tag}", deadletter=f"d-{tag}")
     await bus.ensure_topics(topics.all())
@@ -124,7 +126,8 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions) -> float:
             f"{s.session_id}-{n}", s.device_id, ckpt.model_version, s.realtime, topics.weights, 0, time.time())),
             s.device_id.encode(), None))
     await bus.send_many(messages)
-    service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}"))
+    service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}",
+                                                            max_wait_ms=max_wait_ms))
     await service.start()
     first: list = []
     while not first:  # wait out the group join, then time from the first batch on
@@ -148,12 +151,12 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def main() -> None:
+async def main(max_wait_ms: str) -> None:
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     ckpt = untrained_checkpoint(prepared)
     sessions = offline_test_sessions(prepared)
     payload = protocol.encode(protocol.SessionStart("s", "d", ckpt.model_version, sessions[0].realtime, "w", 0, 0.0))
-    table = Table(title="Round trips on the embedded broker (ms, this machine)")
+    table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms})")
     for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "session/echo p50"):
         table.add_column(col, justify="right")
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
@@ -168,7 +171,7 @@ async def main() -> None:
         workers = [
             subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep"]),
             subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "cloud", "--bootstrap", broker.bootstrap,
-                              "--checkpoint", str(path), "--max-wait-ms", "2"], stdout=subprocess.DEVNULL),
+                              "--checkpoint", str(path), "--max-wait-ms", max_wait_ms], stdout=subprocess.DEVNULL),
         ]
         fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=60, publish_reports=False))
         await fleet.start()
@@ -186,7 +189,7 @@ async def main() -> None:
                 worker.terminate()
                 worker.wait(timeout=30)
         try:
-            rate = await worker_throughput(bus, ckpt, sessions)
+            rate = await worker_throughput(bus, ckpt, sessions, float(max_wait_ms))
         finally:
             await bus.stop()
     console = Console(width=120)
@@ -199,4 +202,6 @@ if __name__ == "__main__":
     if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
         asyncio.run(echo_server(*sys.argv[2:]))
     else:
-        asyncio.run(main())
+        parser = argparse.ArgumentParser(description="session round trip against a raw broker echo")
+        parser.add_argument("--max-wait-ms", default="2", help="the cloud worker's micro-batch wait (ms)")
+        asyncio.run(main(parser.parse_args().max_wait_ms))

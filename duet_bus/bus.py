@@ -162,14 +162,18 @@ class _KafkaConsumer(Consumer):
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
 
     async def lag(self) -> int:
-        parts = list(self._consumer.assignment())
-        if not parts:
-            return 0
-        ends = await self._consumer.end_offsets(parts)
+        """Records behind the partitions' high watermarks, as of the last fetch.
+
+        Uses what the fetch responses already carried (no request to the
+        broker): called after every cloud batch, it must not cost a round trip.
+        """
         total = 0
-        for tp in parts:
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            if end is None:
+                continue  # nothing fetched from it yet
             try:
-                total += max(0, ends[tp] - await self._consumer.position(tp))
+                total += max(0, end - await self._consumer.position(tp))
             except Exception:  # position unknown during a rebalance
                 continue
         return total

@@ -36,6 +36,10 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="most recent fraction of each timeline kept out of training (for `duet run` scenarios)")
     p.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
     p.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
+    p.add_argument("--swa-p-grad", action="store_true",
+                   help="let gradients flow through the SWA weights p (default: p is detached)")
+    p.add_argument("--swa-joint-p", action="store_true",
+                   help="one SWA p for all dynamic layers (default: one p per layer)")
 
 
 def _eval_config(args: argparse.Namespace):
@@ -62,7 +66,8 @@ def _eval_config(args: argparse.Namespace):
             holdout=args.holdout,
         ),
         train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma, batch_size=args.batch_size),
-        swa=PPGConfig(n_generators=args.n_generators, tau=args.tau),
+        swa=PPGConfig(n_generators=args.n_generators, tau=args.tau, detach_p=not args.swa_p_grad,
+                      p_per_layer=not args.swa_joint_p),
     )
 
 

@@ -122,3 +122,20 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_service_goes_on(
     assert any(r.startswith("realtime: item id 1000000") for r in reasons)
     assert {letter.original for letter in letters} == set(bad.values())
     assert all(letter.topic == kafka_topics.sessions for letter in letters)
+
+
+async def test_consumer_lag_counts_what_is_fetched_but_not_consumed(kafka_bus, kafka_topics):
+    topic = kafka_topics.reports
+    await kafka_bus.ensure_topics({topic: 1})
+    await kafka_bus.send_many([(topic, b"x%d" % i, None, 0) for i in range(10)])
+    consumer = kafka_bus.group_consumer([topic], f"{topic}-lag")
+    await consumer.start()
+    try:
+        taken: list = []
+        deadline = time.monotonic() + 20
+        while len(taken) < 3 and time.monotonic() < deadline:
+            taken += await consumer.getmany(timeout_ms=200, max_records=3 - len(taken))
+        assert len(taken) == 3
+        assert await consumer.lag() == 7
+    finally:
+        await consumer.stop()
