@@ -7,7 +7,9 @@ On one embedded broker, prints:
   client's reply partition (the same hops as a session, nothing computed);
 - session round trip (p50, p99): a fleet's device sends a real SessionStart,
   the generator service validates, generates (GRU4Rec DUET, N_p = 5) and
-  replies, the device receives the WeightsReady;
+  replies, the device receives the WeightsReady; and of it the time inside
+  the cloud worker (receive to send: batch wait, validation, generation,
+  encoding);
 - both at 1, 10 and 100 sessions in flight, and the ratio session / echo;
 - sessions per second of one cloud worker draining a backlog.
 
@@ -102,8 +104,10 @@ async def echo_round_trips(bus: KafkaBus, req: str, rep: str, payload: bytes, le
     return out
 
 
-async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> list[float]:
+async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> tuple[list[float], list[float]]:
+    """Round trips and, of each, the time spent inside the cloud worker (receive to send)."""
     out: list[float] = []
+    cloud: list[float] = []
     i = 0
     while len(out) < SESSIONS_PER_LEVEL:
         batch = [(agents[(i + j) % len(agents)], sessions[(i + j) % len(sessions)]) for j in range(level)]
@@ -112,7 +116,8 @@ async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> lis
         if any(r.fallback for r in reports):
             raise RuntimeError("a session fell back: the cloud worker is not keeping up within the deadline")
         out += [r.delay_ms["round_trip_ms"] for r in reports]
-    return out
+        cloud += [r.delay_ms["cloud_ms"] for r in reports]
+    return out, cloud
 
 
 async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_ms: float) -> float:
@@ -157,7 +162,8 @@ async def main(max_wait_ms: str) -> None:
     sessions = offline_test_sessions(prepared)
     payload = protocol.encode(protocol.SessionStart("s", "d", ckpt.model_version, sessions[0].realtime, "w", 0, 0.0))
     table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms})")
-    for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "session/echo p50"):
+    for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "of it in cloud p50",
+                "session/echo p50"):
         table.add_column(col, justify="right")
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "duet.pt"
@@ -180,9 +186,10 @@ async def main(max_wait_ms: str) -> None:
             await fleet.run(agents[0], sessions[0])  # warm-up: the cloud joins its group
             for level in LEVELS:
                 echo = await echo_round_trips(bus, "echo.req", "echo.rep", payload, level)
-                session = await session_round_trips(fleet, agents, sessions, level)
+                session, cloud = await session_round_trips(fleet, agents, sessions, level)
                 table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(session, 50):.2f}",
-                              f"{pct(session, 99):.2f}", f"{pct(session, 50) / pct(echo, 50):.2f}x")
+                              f"{pct(session, 99):.2f}", f"{pct(cloud, 50):.2f}",
+                              f"{pct(session, 50) / pct(echo, 50):.2f}x")
         finally:
             await fleet.stop()
             for worker in workers:

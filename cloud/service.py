@@ -68,6 +68,7 @@ class GeneratorService:
         self.models = {c.model_version: c for c in checkpoints}
         self.stats = CloudStats()
         self.consumer = None
+        self._batch_received_at = 0.0
 
     async def start(self) -> None:
         await self.bus.ensure_topics(self.config.topics.all())
@@ -84,7 +85,7 @@ class GeneratorService:
         while not stop.is_set():
             records = await self.next_batch()
             if records:
-                await self.handle(records)
+                await self.handle(records, received_at=self._batch_received_at)
                 self.stats.lag = await self.consumer.lag()
 
     async def next_batch(self) -> list[Record]:
@@ -92,6 +93,7 @@ class GeneratorService:
         records = await self.consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
         if not records:
             return records
+        self._batch_received_at = time.time()  # the batch wait counts as cloud time
         deadline = time.perf_counter() + cfg.max_wait_ms / 1000
         while len(records) < cfg.max_batch:
             left = deadline - time.perf_counter()
@@ -102,9 +104,13 @@ class GeneratorService:
             records.extend(more)
         return records
 
-    async def handle(self, records: list[Record]) -> None:
-        """Validate, generate, publish, then commit. Never raises for bad input."""
-        received_at = time.time()
+    async def handle(self, records: list[Record], received_at: float | None = None) -> None:
+        """Validate, generate, publish, then commit. Never raises for bad input.
+
+        ``received_at`` is when the batch's first record was taken (default:
+        now); replies carry it, so a device sees the batch wait as cloud time.
+        """
+        received_at = time.time() if received_at is None else received_at
         by_model: dict[str, list[SessionStart]] = {}
         outgoing: list[tuple[str, bytes, bytes | None, int | None]] = []
         for record in records:
