@@ -25,6 +25,60 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
+from duet_bus.errors import ConfigError
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+@dataclass(frozen=True)
+class Security:
+    """How to reach a secured cluster: SASL and/or TLS, as aiokafka takes them.
+
+    The password is a value here, never a command-line argument: the CLI and
+    scenarios read it from an environment variable.
+    """
+
+    protocol: str = "PLAINTEXT"
+    sasl_mechanism: str | None = None
+    username: str | None = None
+    password: str | None = None
+    ssl_cafile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.protocol not in SECURITY_PROTOCOLS:
+            raise ConfigError(f"security protocol: must be one of {', '.join(SECURITY_PROTOCOLS)}, "
+                              f"got {self.protocol!r}")
+        sasl = self.protocol.startswith("SASL_")
+        if sasl:
+            if self.sasl_mechanism not in SASL_MECHANISMS:
+                raise ConfigError(f"sasl mechanism: {self.protocol} needs one of {', '.join(SASL_MECHANISMS)}, "
+                                  f"got {self.sasl_mechanism!r}")
+            if not self.username or self.password is None:
+                raise ConfigError(f"sasl: {self.protocol} needs a username and a password")
+        elif self.sasl_mechanism or self.username:
+            raise ConfigError(f"sasl settings given but the security protocol is {self.protocol} "
+                              f"(use SASL_PLAINTEXT or SASL_SSL)")
+        if self.ssl_cafile and not self.protocol.endswith("SSL"):
+            raise ConfigError(f"ssl cafile given but the security protocol is {self.protocol} (use SSL or SASL_SSL)")
+
+    def aiokafka_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments every aiokafka client of a `KafkaBus` gets."""
+        if self.protocol == "PLAINTEXT":
+            return {}
+        out: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.protocol.endswith("SSL"):
+            from aiokafka.helpers import create_ssl_context
+
+            try:
+                out["ssl_context"] = create_ssl_context(cafile=self.ssl_cafile)
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"ssl cafile {self.ssl_cafile!r}: {exc}") from exc
+        if self.protocol.startswith("SASL_"):
+            out.update(sasl_mechanism=self.sasl_mechanism, sasl_plain_username=self.username,
+                       sasl_plain_password=self.password)
+        return out
+
 
 @dataclass(frozen=True)
 class Topics:
@@ -67,7 +121,8 @@ class Consumer:
 
 
 class KafkaBus:
-    """The real thing. ``security`` passes SASL/TLS settings through to aiokafka.
+    """The real thing. ``security`` (a `Security`, or aiokafka keyword
+    arguments) passes SASL/TLS settings through to every aiokafka client.
 
     ``fetch_max_wait_ms`` (default 5) bounds how long the broker may hold a
     fetch that has no data yet. The embedded Tansu broker holds it for about
@@ -82,11 +137,11 @@ class KafkaBus:
     """
 
     def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
-                 **security: Any) -> None:
+                 security: Security | None = None, **aiokafka_security: Any) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.fetch_max_wait_ms = fetch_max_wait_ms
-        self.security = security
+        self.security = {**(security.aiokafka_kwargs() if security else {}), **aiokafka_security}
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:

@@ -110,6 +110,35 @@ def _bootstrap(args: argparse.Namespace) -> str | None:
     return args.bootstrap or os.environ.get(BOOTSTRAP_ENV) or None
 
 
+PASSWORD_ENV = "DUET_SASL_PASSWORD"
+
+
+def _add_security_args(p: argparse.ArgumentParser) -> None:
+    from duet_bus.bus import SASL_MECHANISMS, SECURITY_PROTOCOLS
+
+    g = p.add_argument_group("secured clusters (each also from its DUET_* variable; the password only from "
+                             f"${PASSWORD_ENV})")
+    g.add_argument("--security-protocol", choices=SECURITY_PROTOCOLS, help="(or $DUET_SECURITY_PROTOCOL)")
+    g.add_argument("--sasl-mechanism", choices=SASL_MECHANISMS, help="(or $DUET_SASL_MECHANISM)")
+    g.add_argument("--sasl-username", help="(or $DUET_SASL_USERNAME)")
+    g.add_argument("--ssl-cafile", help="CA bundle for TLS (or $DUET_SSL_CAFILE; default: the system's)")
+
+
+def _security(args: argparse.Namespace):
+    import os
+
+    from duet_bus.bus import Security
+
+    env = os.environ.get
+    return Security(
+        protocol=args.security_protocol or env("DUET_SECURITY_PROTOCOL") or "PLAINTEXT",
+        sasl_mechanism=args.sasl_mechanism or env("DUET_SASL_MECHANISM"),
+        username=args.sasl_username or env("DUET_SASL_USERNAME"),
+        password=env(PASSWORD_ENV),
+        ssl_cafile=args.ssl_cafile or env("DUET_SSL_CAFILE"),
+    )
+
+
 def cmd_broker(args: argparse.Namespace) -> int:
     import time
 
@@ -134,12 +163,13 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     bootstrap = _bootstrap(args)
     if not bootstrap:
         raise DuetError(f"duet cloud: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
+    security = _security(args)
     models = [checkpoint.load(path) for path in args.checkpoint]
     config = CloudConfig(group_id=args.group, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          weight_encoding=args.weight_encoding)
 
     async def serve() -> None:
-        bus = KafkaBus(bootstrap)
+        bus = KafkaBus(bootstrap, security=security)
         await bus.start()
         service = GeneratorService(bus, models, config)
         await service.start()
@@ -178,6 +208,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     bootstrap = _bootstrap(args)
     if not bootstrap:
         raise DuetError(f"duet devices: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
+    security = _security(args)
     ckpt = checkpoint.load(args.checkpoint)
     prepared = prepare(load_dataset(ckpt.dataset, args.data_path), ckpt.prep, seed=args.seed)
     if not 1 <= args.count <= prepared.n_users:
@@ -185,7 +216,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     sessions = offline_test_sessions(prepared, np.arange(args.count))
 
     async def run() -> list:
-        bus = KafkaBus(bootstrap)
+        bus = KafkaBus(bootstrap, security=security)
         await bus.start()
         fleet = Fleet(bus, FleetConfig(fleet_id=args.fleet_id, reply_partition=args.reply_partition,
                                        deadline_s=args.deadline))
@@ -334,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    _add_security_args(p)
     p.set_defaults(func=cmd_cloud)
 
     p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")
@@ -345,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fleet-id", default="fleet-0")
     p.add_argument("--reply-partition", type=int, default=0)
     p.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for weights before falling back")
+    _add_security_args(p)
     p.set_defaults(func=cmd_devices)
     return parser
 

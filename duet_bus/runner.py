@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -36,7 +37,7 @@ from cloud import CloudConfig, GeneratorService
 from devices import DeviceAgent, Fleet, FleetConfig
 from duet_bus import checkpoint
 from duet_bus.broker import BrokerError, EmbeddedBroker
-from duet_bus.bus import KafkaBus, MemoryBus, Topics
+from duet_bus.bus import KafkaBus, MemoryBus, Security, Topics
 from duet_bus.checkpoint import Checkpoint
 from duet_bus.data import load_dataset, prepare
 from duet_bus.data.prep import PrepConfig, Prepared
@@ -397,9 +398,24 @@ def prepare_data(scenario: Scenario) -> Prepared:
     return prepared
 
 
+def kafka_security(scenario: Scenario) -> Security | None:
+    """The scenario's ``bus.security`` with the password read from its environment variable."""
+    if not scenario.security:
+        return None
+    settings = dict(scenario.security)
+    env = settings.pop("password_env")
+    password = os.environ.get(env)
+    if settings["protocol"].startswith("SASL_") and password is None:
+        raise ConfigError(f"bus.security: ${env} is not set (the SASL password is read from it)")
+    try:
+        return Security(**settings, password=password)
+    except ConfigError as exc:
+        raise ConfigError(f"bus.security: {exc}") from exc
+
+
 async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
                     on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None) -> RunState:
-    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap)
+    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=kafka_security(scenario))
     await bus.start()
     try:
         return await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step).run()
@@ -415,6 +431,7 @@ def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, 
     exactly as long as the run, Ctrl-C included; on Ctrl-C the sessions done
     so far are still written, marked as interrupted.
     """
+    kafka_security(scenario)  # a missing password stops the run before anything starts
     broker = EmbeddedBroker() if scenario.bus_kind == "kafka" and not scenario.bootstrap else None
     holder: dict[str, RunState] = {}
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from duet_bus.bus import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from duet_bus.errors import ConfigError
 from duet_bus.shifts import SHIFTS
 
@@ -103,6 +104,7 @@ class Scenario:
     shifts: tuple[ShiftSpec, ...]
     # bus and cloud
     bootstrap: str | None
+    security: dict  # Security fields but the password; {} for none (see `kafka_security`)
     bus_kind: str
     workers: int
     max_batch: int
@@ -327,7 +329,9 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     for i, sdoc in enumerate(shift_docs):
         shifts.append(_read_shift(r, sdoc, f"shifts[{i}]"))
 
-    bus = r.section(top.get("bus"), "bus", ("bootstrap", "kind"))
+    bus = r.section(top.get("bus"), "bus", ("bootstrap", "kind", "security"))
+    sec = r.section(bus.get("security"), "bus.security",
+                    ("protocol", "sasl_mechanism", "username", "password_env", "ssl_cafile"))
     cloud = r.section(top.get("cloud"), "cloud", ("workers", "max_batch", "max_wait_ms", "weight_encoding"))
 
     scenario = dict(
@@ -358,6 +362,13 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         time_scale=r.get(arr, "arrivals", "time_scale", "float", 1e-3, gt=0),
         shifts=tuple(s for s in shifts if s is not None),
         bootstrap=r.get(bus, "bus", "bootstrap", "str", None),
+        security={k: v for k, v in dict(
+            protocol=r.get(sec, "bus.security", "protocol", "str", "PLAINTEXT", choices=SECURITY_PROTOCOLS),
+            sasl_mechanism=r.get(sec, "bus.security", "sasl_mechanism", "str", None, choices=SASL_MECHANISMS),
+            username=r.get(sec, "bus.security", "username", "str", None),
+            password_env=r.get(sec, "bus.security", "password_env", "str", "DUET_SASL_PASSWORD"),
+            ssl_cafile=r.get(sec, "bus.security", "ssl_cafile", "str", None),
+        ).items() if v is not None} if sec else {},
         bus_kind=r.get(bus, "bus", "kind", "str", "kafka", choices=("kafka", "memory")),
         workers=r.get(cloud, "cloud", "workers", "int", 1, min=1),
         max_batch=r.get(cloud, "cloud", "max_batch", "int", 256, min=1),
@@ -372,6 +383,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     )
     if scenario["bus_kind"] == "memory" and scenario["bootstrap"]:
         r.fail("bus.bootstrap", "a memory bus has no bootstrap servers")
+    if sec and not scenario["bootstrap"]:
+        r.fail("bus.security", "only for a cluster named in bus.bootstrap (the embedded broker is plain)")
     duration = scenario["duration_s"]
     for i, s in enumerate(scenario["shifts"]):
         if duration is not None and s.at_s >= duration:

@@ -27,3 +27,34 @@ def test_sigterm_to_duet_broker_stops_the_broker_process():
         assert not _answers(port), "the broker outlived `duet broker`"
     finally:
         proc.kill()
+
+
+def test_security_settings_map_to_aiokafka_and_reject_contradictions():
+    import pytest
+
+    from duet_bus.bus import KafkaBus, Security
+    from duet_bus.errors import ConfigError
+
+    assert Security().aiokafka_kwargs() == {}
+    bus = KafkaBus("kafka:9092", security=Security("SASL_PLAINTEXT", "PLAIN", "u", "p"))
+    assert bus.security == {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                            "sasl_plain_username": "u", "sasl_plain_password": "p"}
+    with pytest.raises(ConfigError, match="needs a username and a password"):
+        Security("SASL_SSL", "PLAIN", "u")
+    with pytest.raises(ConfigError, match="needs one of PLAIN"):
+        Security("SASL_SSL", None, "u", "p")
+    with pytest.raises(ConfigError, match="use SASL_PLAINTEXT or SASL_SSL"):
+        Security("SSL", "PLAIN", "u", "p")
+    with pytest.raises(ConfigError, match="ssl cafile 'no-such-ca.pem'"):
+        Security("SSL", ssl_cafile="no-such-ca.pem").aiokafka_kwargs()
+
+
+def test_duet_cloud_takes_security_from_flags_and_environment(monkeypatch):
+    from duet_bus.cli import _security, build_parser
+
+    monkeypatch.setenv("DUET_SASL_PASSWORD", "pw")
+    monkeypatch.setenv("DUET_SASL_USERNAME", "svc")
+    args = build_parser().parse_args(["cloud", "--checkpoint", "x.pt", "--security-protocol", "SASL_PLAINTEXT",
+                                      "--sasl-mechanism", "SCRAM-SHA-256"])
+    s = _security(args)
+    assert (s.protocol, s.sasl_mechanism, s.username, s.password) == ("SASL_PLAINTEXT", "SCRAM-SHA-256", "svc", "pw")

@@ -88,3 +88,31 @@ def test_duet_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
     assert main(["validate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "devices.count: must be a positive integer, got 0" in err and "seed: must be an integer" in err
+
+
+def test_bus_security_is_checked_and_needs_a_cluster():
+    text = "\n".join(problems(minimal(bus={"security": {"protocol": "TLS", "sasl_mechanism": "MD5", "pin": 1}})))
+    for expected in (
+        "bus.security.protocol: must be one of PLAINTEXT, SSL, SASL_PLAINTEXT, SASL_SSL, got 'TLS'",
+        "bus.security.sasl_mechanism: must be one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512, got 'MD5'",
+        "bus.security.pin: unknown key",
+        "bus.security: only for a cluster named in bus.bootstrap",
+    ):
+        assert expected in text, f"{expected!r} not in\n{text}"
+
+
+def test_bus_security_reads_the_password_from_its_variable(monkeypatch):
+    from duet_bus.errors import ConfigError
+    from duet_bus.runner import kafka_security
+
+    s = parse_scenario(minimal(bus={"bootstrap": "kafka:9093", "security": {
+        "protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512", "username": "fleet", "password_env": "FLEET_PW"}}))
+    monkeypatch.delenv("FLEET_PW", raising=False)
+    with pytest.raises(ConfigError, match=r"\$FLEET_PW is not set"):
+        kafka_security(s)
+    monkeypatch.setenv("FLEET_PW", "s3cret")
+    kwargs = kafka_security(s).aiokafka_kwargs()
+    assert kwargs["security_protocol"] == "SASL_SSL" and kwargs["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kwargs["sasl_plain_username"] == "fleet" and kwargs["sasl_plain_password"] == "s3cret"
+    assert kwargs["ssl_context"] is not None
+    assert kafka_security(parse_scenario(minimal())) is None
