@@ -54,8 +54,10 @@ class DeviceAgent:
             else:
                 self.weights = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
         # In a thread: torch releases the GIL, and the fleet's event loop stays
-        # free to take other devices' replies the moment they arrive.
-        scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
+        # free to take other devices' replies the moment they arrive. One
+        # device computes at a time (see `Fleet.compute_lock`).
+        async with self.fleet.compute_lock:
+            scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
         return SessionReport(
             session_id=session.session_id, device_id=self.device_id, method=self.method,
             model_version=self.checkpoint.model_version, scores=scores.astype(np.float32).ravel(),

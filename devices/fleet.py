@@ -63,6 +63,10 @@ class Fleet:
         self._consumer = None
         self._task: asyncio.Task | None = None
         self._stopping = False
+        # Every simulated device stands for a phone of its own: their compute
+        # runs one at a time, so each measured time is one device's, not
+        # inflated by the other devices of this process sharing the CPU.
+        self.compute_lock = asyncio.Lock()
 
     async def start(self) -> None:
         await self.bus.ensure_topics(self.config.topics.all())
