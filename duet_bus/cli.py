@@ -98,6 +98,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"{args.method} on {config.dataset}/{config.backbone}: best validation AUC "
         f"{result.best_valid_auc:.4f} at epoch {result.best_epoch}; saved {args.out} (model version {version})"
     )
+    head = result.model.head
+    if getattr(head, "config", None) is not None and head.config.n_generators > 1:
+        import torch
+
+        with torch.no_grad():
+            mixes = [", ".join(f"{v:.3f}" for v in p.tolist()) for p in head.swa_p()]
+        console.print("SWA mixing weights p per dynamic layer: " + "; ".join(f"[{m}]" for m in mixes))
     return 0
 
 
