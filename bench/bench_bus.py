@@ -15,7 +15,7 @@ On one embedded broker, prints:
 
 Absolute times are this machine's; the ratios are what to compare.
 Run: `make bench-bus` (or python bench/bench_bus.py [--max-wait-ms T], the
-cloud worker's micro-batch wait, default 2).
+cloud worker's micro-batch wait, default 0).
 """
 
 from __future__ import annotations
@@ -210,5 +210,5 @@ if __name__ == "__main__":
         asyncio.run(echo_server(*sys.argv[2:]))
     else:
         parser = argparse.ArgumentParser(description="session round trip against a raw broker echo")
-        parser.add_argument("--max-wait-ms", default="2", help="the cloud worker's micro-batch wait (ms)")
+        parser.add_argument("--max-wait-ms", default="0", help="the cloud worker's micro-batch wait (ms)")
         asyncio.run(main(parser.parse_args().max_wait_ms))

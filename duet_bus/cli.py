@@ -370,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", action="append", required=True, help="checkpoint to serve (repeatable)")
     p.add_argument("--group", default="duet-cloud")
     p.add_argument("--max-batch", type=int, default=256)
-    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a batch may wait to fill after its first event (default 0: take what has arrived)")
     p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
     _add_security_args(p)
     p.set_defaults(func=cmd_cloud)

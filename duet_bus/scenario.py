@@ -372,7 +372,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         bus_kind=r.get(bus, "bus", "kind", "str", "kafka", choices=("kafka", "memory")),
         workers=r.get(cloud, "cloud", "workers", "int", 1, min=1),
         max_batch=r.get(cloud, "cloud", "max_batch", "int", 256, min=1),
-        max_wait_ms=r.get(cloud, "cloud", "max_wait_ms", "float", 5.0, min=0),
+        max_wait_ms=r.get(cloud, "cloud", "max_wait_ms", "float", 0.0, min=0),
         weight_encoding=r.get(cloud, "cloud", "weight_encoding", "str", "float32",
                               choices=("float32", "float16", "int8")),
         window_s=r.get(top, "", "window", "duration", 1.0, gt=0),
