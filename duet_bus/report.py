@@ -269,7 +269,7 @@ def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str]
 
 def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: dict) -> Path:
     profiles = sorted({r["profile"] for r in rows})
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     ax = axes[0]
     parts = [("upload_ms", "upload (modelled)"), ("bus_ms", "bus (measured)"),
              ("cloud_ms", "cloud incl. generation (measured)"), ("download_ms", "download (modelled)"),
@@ -286,20 +286,28 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
     ax.legend(fontsize=7, loc="upper left", ncol=2)
     ax.tick_params(axis="x", labelsize=8)
     ax = axes[1]
-    styles = ["-", "--", ":", "-."]
+    styles = dict(zip(profiles, ["-", "--", ":", "-."] * (len(profiles) // 4 + 1)))
     for m in methods:
-        for p, style in zip(profiles, styles * 4):
+        for p in profiles:
             v = np.sort([r["total_ms"] for r in rows if r["method"] == m and r["profile"] == p])
             if len(v):
-                ax.plot(v, np.arange(1, len(v) + 1) / len(v), style, color=colors[m],
-                        label=f"{LABELS.get(m, m)} · {p}")
+                ax.plot(v, np.arange(1, len(v) + 1) / len(v), styles[p], color=colors[m])
     ax.set_xscale("log")
     ax.set_xlabel("delay per session (ms, log scale)")
     ax.set_ylabel("share of sessions")
     ax.set_title("delay distribution per method and network profile")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, ncol=2)
+    # Colour is the method, line style the network profile: two short legends
+    # beside the plot instead of one entry per pair on top of the curves.
+    from matplotlib.lines import Line2D
+
+    by_method = ax.legend([Line2D([], [], color=colors[m]) for m in methods], [LABELS.get(m, m) for m in methods],
+                          title="method", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.add_artist(by_method)
+    ax.legend([Line2D([], [], color="0.3", linestyle=styles[p]) for p in profiles], profiles, title="network",
+              fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
+    fig.subplots_adjust(right=0.88)  # room for the two legends right of the plot
     path = out / "delays.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
