@@ -47,7 +47,7 @@ def child(kind: str, devices: int, duration: str, folder: str) -> dict:
     from duet_bus.scenario import parse_scenario
 
     doc = dict(SCENARIO, duration=duration, output=str(Path(folder) / f"{kind}-{devices}"))
-    doc["devices"] = {"count": devices}
+    doc["devices"] = {"count": max(devices, 1)}  # 0: load data and models, run nothing
     doc["bus"] = {"kind": kind}
     scenario = parse_scenario(doc)
     prepared = prepare_data(scenario)
