@@ -136,9 +136,9 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
     await service.start()
     first: list = []
     while not first:  # wait out the group join, then time from the first batch on
-        first = await service.next_batch()
+        first, received_at = await service.next_batch()
     start = time.perf_counter()
-    await service.handle(first)
+    await service.handle(first, received_at)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     deadline = time.monotonic() + 120

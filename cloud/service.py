@@ -73,7 +73,6 @@ class GeneratorService:
         self.models = {c.model_version: c for c in checkpoints}
         self.stats = CloudStats()
         self.consumer = None
-        self._batch_received_at = 0.0
 
     async def start(self) -> None:
         await self.bus.ensure_topics(self.config.topics.all())
@@ -88,17 +87,21 @@ class GeneratorService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; start() first."""
         while not stop.is_set():
-            records = await self.next_batch()
+            records, received_at = await self.next_batch()
             if records:
-                await self.handle(records, received_at=self._batch_received_at)
+                await self.handle(records, received_at)
                 self.stats.lag = await self.consumer.lag()
 
-    async def next_batch(self) -> list[Record]:
+    async def next_batch(self) -> tuple[list[Record], float]:
+        """The next micro-batch (possibly empty) and when its first record was taken.
+
+        That time goes into the replies' ``received_at``: the batch wait counts as cloud time.
+        """
         cfg = self.config
         records = await self.consumer.getmany(timeout_ms=100, max_records=cfg.max_batch)
+        received_at = time.time()
         if not records:
-            return records
-        self._batch_received_at = time.time()  # the batch wait counts as cloud time
+            return records, received_at
         deadline = time.perf_counter() + cfg.max_wait_ms / 1000
         while len(records) < cfg.max_batch:
             left = deadline - time.perf_counter()
@@ -107,7 +110,7 @@ class GeneratorService:
             more = await self.consumer.getmany(timeout_ms=max(1, int(left * 1000)),
                                                max_records=cfg.max_batch - len(records))
             records.extend(more)
-        return records
+        return records, received_at
 
     async def handle(self, records: list[Record], received_at: float | None = None) -> None:
         """Validate, generate, publish, then commit. Never raises for bad input.

@@ -121,8 +121,7 @@ class Consumer:
 
 
 class KafkaBus:
-    """The real thing. ``security`` (a `Security`, or aiokafka keyword
-    arguments) passes SASL/TLS settings through to every aiokafka client.
+    """The real thing. ``security`` passes SASL/TLS settings through to every aiokafka client.
 
     ``fetch_max_wait_ms`` (default 5) bounds how long the broker may hold a
     fetch that has no data yet. The embedded Tansu broker holds it for about
@@ -137,11 +136,11 @@ class KafkaBus:
     """
 
     def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
-                 security: Security | None = None, **aiokafka_security: Any) -> None:
+                 security: Security | None = None) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.fetch_max_wait_ms = fetch_max_wait_ms
-        self.security = {**(security.aiokafka_kwargs() if security else {}), **aiokafka_security}
+        self.security = security.aiokafka_kwargs() if security else {}
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:

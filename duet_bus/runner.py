@@ -414,8 +414,9 @@ def kafka_security(scenario: Scenario) -> Security | None:
 
 
 async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
-                    on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None) -> RunState:
-    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=kafka_security(scenario))
+                    on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None,
+                    security: Security | None = None) -> RunState:
+    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=security)
     await bus.start()
     try:
         return await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step).run()
@@ -431,7 +432,7 @@ def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, 
     exactly as long as the run, Ctrl-C included; on Ctrl-C the sessions done
     so far are still written, marked as interrupted.
     """
-    kafka_security(scenario)  # a missing password stops the run before anything starts
+    security = kafka_security(scenario)  # a missing password stops the run before anything starts
     broker = EmbeddedBroker() if scenario.bus_kind == "kafka" and not scenario.bootstrap else None
     holder: dict[str, RunState] = {}
 
@@ -444,7 +445,7 @@ def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, 
         if broker is not None:
             broker.start()
         bootstrap = broker.bootstrap if broker is not None else scenario.bootstrap
-        state = asyncio.run(run_async(scenario, prepared, checkpoints, bootstrap, step))
+        state = asyncio.run(run_async(scenario, prepared, checkpoints, bootstrap, step, security=security))
     except KeyboardInterrupt:
         state = holder.get("state")
         if state is None:

@@ -104,7 +104,7 @@ class Scenario:
     shifts: tuple[ShiftSpec, ...]
     # bus and cloud
     bootstrap: str | None
-    security: dict  # Security fields but the password; {} for none (see `kafka_security`)
+    security: dict  # bus.security as read (the password is named by password_env); {} for none
     bus_kind: str
     workers: int
     max_batch: int
@@ -362,13 +362,13 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         time_scale=r.get(arr, "arrivals", "time_scale", "float", 1e-3, gt=0),
         shifts=tuple(s for s in shifts if s is not None),
         bootstrap=r.get(bus, "bus", "bootstrap", "str", None),
-        security={k: v for k, v in dict(
+        security=dict(
             protocol=r.get(sec, "bus.security", "protocol", "str", "PLAINTEXT", choices=SECURITY_PROTOCOLS),
             sasl_mechanism=r.get(sec, "bus.security", "sasl_mechanism", "str", None, choices=SASL_MECHANISMS),
             username=r.get(sec, "bus.security", "username", "str", None),
             password_env=r.get(sec, "bus.security", "password_env", "str", "DUET_SASL_PASSWORD"),
             ssl_cafile=r.get(sec, "bus.security", "ssl_cafile", "str", None),
-        ).items() if v is not None} if sec else {},
+        ) if sec else {},
         bus_kind=r.get(bus, "bus", "kind", "str", "kafka", choices=("kafka", "memory")),
         workers=r.get(cloud, "cloud", "workers", "int", 1, min=1),
         max_batch=r.get(cloud, "cloud", "max_batch", "int", 256, min=1),
