@@ -128,7 +128,7 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
     for n in range(BACKLOG):
         s = sessions[n % len(sessions)]
         messages.append((topics.sessions, protocol.encode(protocol.SessionStart(
-            f"{s.session_id}-{n}", s.device_id, ckpt.model_version, s.realtime, topics.weights, 0, time.time())),
+            f"{s.session_id}-{n}", protocol.new_request_id(), s.device_id, ckpt.model_version, s.realtime, topics.weights, 0, time.time())),
             s.device_id.encode(), None))
     await bus.send_many(messages)
     service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}",
@@ -160,7 +160,8 @@ async def main(max_wait_ms: str) -> None:
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     ckpt = untrained_checkpoint(prepared)
     sessions = offline_test_sessions(prepared)
-    payload = protocol.encode(protocol.SessionStart("s", "d", ckpt.model_version, sessions[0].realtime, "w", 0, 0.0))
+    payload = protocol.encode(protocol.SessionStart("s", protocol.new_request_id(), "d", ckpt.model_version,
+                                                           sessions[0].realtime, "w", 0, 0.0))
     table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms})")
     for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "of it in cloud p50",
                 "session/echo p50"):

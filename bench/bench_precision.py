@@ -37,7 +37,7 @@ def measure(path: str) -> dict[str, tuple[float, int]]:
     for encoding in WEIGHT_ENCODINGS:
         scores, sizes = [], []
         for i in range(len(sessions)):
-            reply = protocol.WeightsReady(f"s{i}", "d", ckpt.model_version, "duet",
+            reply = protocol.WeightsReady(f"s{i}", "r", "d", ckpt.model_version, "duet",
                                           [(w[i], b[i]) for w, b in generated], 0.0, 0.0, 0.0, 1)
             data = protocol.encode(reply, encoding)
             sizes.append(len(data))

@@ -7,9 +7,19 @@ PPG/SWA forward per model version under ``torch.inference_mode()``, publish each
 acknowledgements, and only then commit the consumed offsets (at-least-once:
 a crash before the commit re-serves the batch; devices drop the duplicates).
 
-Whatever fails validation goes to the dead-letter topic with the reason; the
-loop goes on. Workers share the sessions topic as one consumer group, so a
-second worker takes over half of the partitions.
+No record can stop the worker. Whatever fails validation goes to the
+dead-letter topic with the reason; whatever raises anything else while it is
+handled (a bug of ours) is dead-lettered as an internal error, logged with its
+traceback and counted, and the rest of the batch is served. Because a record
+always ends answered or dead-lettered before its offset is committed, a bad
+record is never re-read forever.
+
+The cloud writes only where it is configured to: replies go to the allowed
+reply topics (default: the weights topic) and to partitions that exist;
+a request that names anything else is dead-lettered. Workers share the
+sessions topic as one consumer group, so a second worker takes over half of
+the partitions, and when it starts each worker announces what it serves on
+the models topic (`ModelInfo`).
 """
 
 from __future__ import annotations
@@ -24,12 +34,14 @@ import numpy as np
 import torch
 
 from duet_bus import protocol
-from duet_bus.bus import Record, Topics
+from duet_bus.bus import Record, Topics, is_transient
 from duet_bus.checkpoint import Checkpoint
 from duet_bus.errors import ConfigError
 from duet_bus.protocol import DeadLetter, ProtocolError, SessionStart, WeightsReady
 
 log = logging.getLogger("duet.cloud")
+
+Message = tuple[str, bytes, bytes | None, int | None]  # topic, value, key, partition
 
 
 @dataclass(frozen=True)
@@ -44,6 +56,12 @@ class CloudConfig:
     max_wait_ms: float = 0.0
     weight_encoding: str = "float32"  # float32, float16 or int8 on the wire
     topics: Topics = field(default_factory=Topics)
+    # The only topics a request may name as its reply topic; empty: the weights topic.
+    reply_topics: tuple[str, ...] = ()
+    # While the broker is unreachable a batch is sent again every retry_backoff_s;
+    # after delivery_timeout_s the worker stops trying and reads the batch again.
+    retry_backoff_s: float = 0.5
+    delivery_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -53,11 +71,18 @@ class CloudConfig:
         if self.weight_encoding not in ("float32", "float16", "int8"):
             raise ConfigError(f"cloud.weight_encoding: must be float32, float16 or int8, got {self.weight_encoding!r}")
 
+    @property
+    def allowed_reply_topics(self) -> tuple[str, ...]:
+        return self.reply_topics or (self.topics.weights,)
+
 
 @dataclass
 class CloudStats:
     served: int = 0
     dead_letters: int = 0
+    internal_errors: int = 0  # records that hit a bug of ours (also counted in dead_letters)
+    delivery_retries: int = 0  # batches sent again because the broker was unreachable
+    commit_failures: int = 0  # the records stay uncommitted and are served again (at-least-once)
     batches: int = 0
     batch_sizes: deque = field(default_factory=lambda: deque(maxlen=1000))
     generation_ms: deque = field(default_factory=lambda: deque(maxlen=1000))
@@ -73,23 +98,39 @@ class GeneratorService:
         self.models = {c.model_version: c for c in checkpoints}
         self.stats = CloudStats()
         self.consumer = None
+        self._partitions: dict[str, int] = {}  # reply topic -> partition count
+        self._partitions_checked = 0.0
 
     async def start(self) -> None:
-        await self.bus.ensure_topics(self.config.topics.all())
+        await self.bus.ensure_topics({**self.config.topics.all(), **{t: 1 for t in self.config.reply_topics}})
+        await self._refresh_partitions()
+        await self.bus.send_many([(self.config.topics.models, protocol.encode(self.model_info(c)),
+                                   c.model_version.encode(), None) for c in self.models.values()])
         self.consumer = self.bus.group_consumer([self.config.topics.sessions], self.config.group_id)
         await self.consumer.start()
 
     async def stop(self) -> None:
+        """Leave the consumer group (its partitions move to the other workers at once)."""
         if self.consumer is not None:
             await self.consumer.stop()
             self.consumer = None
+
+    def model_info(self, checkpoint: Checkpoint) -> protocol.ModelInfo:
+        spec = checkpoint.spec
+        return protocol.ModelInfo(
+            model_version=spec.model_version, method=checkpoint.model.config.method,
+            backbone=checkpoint.model.config.backbone, n_items=spec.n_items, realtime_len=spec.realtime_len,
+            layer_shapes=[list(s) for s in spec.layer_shapes], weight_encoding=self.config.weight_encoding,
+            sessions_topic=self.config.topics.sessions, reply_topics=list(self.config.allowed_reply_topics),
+            at=time.time(),
+        )
 
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; start() first."""
         while not stop.is_set():
             records, received_at = await self.next_batch()
             if records:
-                await self.handle(records, received_at)
+                await self.handle(records, received_at, stop)
                 self.stats.lag = await self.consumer.lag()
 
     async def next_batch(self) -> tuple[list[Record], float]:
@@ -112,36 +153,131 @@ class GeneratorService:
             records.extend(more)
         return records, received_at
 
-    async def handle(self, records: list[Record], received_at: float | None = None) -> None:
-        """Validate, generate, publish, then commit. Never raises for bad input.
+    async def handle(self, records: list[Record], received_at: float | None = None,
+                     stop: asyncio.Event | None = None) -> None:
+        """Answer or dead-letter every record, then commit. Never raises for what a record holds.
 
         ``received_at`` is when the batch's first record was taken (default:
         now); replies carry it, so a device sees the batch wait as cloud time.
+        While the broker is unreachable the batch is sent again until it is
+        delivered or ``stop`` is set (then nothing is committed: whoever takes
+        the partitions next serves it again).
         """
         received_at = time.time() if received_at is None else received_at
-        by_model: dict[str, list[SessionStart]] = {}
-        outgoing: list[tuple[str, bytes, bytes | None, int | None]] = []
+        by_model: dict[str, list[tuple[Record, SessionStart]]] = {}
+        letters: list[Message] = []
         for record in records:
             try:
-                event = protocol.decode(record.value)
-                if not isinstance(event, SessionStart):
-                    raise ProtocolError("type", f"{event.TYPE} does not belong on {record.topic}")
-                checkpoint = self.models.get(event.model_version)
-                if checkpoint is None:
-                    raise ProtocolError("model_version", f"{event.model_version!r} is not served here "
-                                                         f"(serving {', '.join(self.models) or 'nothing'})")
-                protocol.check_session_start(event, checkpoint.spec)
-                by_model.setdefault(event.model_version, []).append(event)
+                event = await self._accept(record)
             except ProtocolError as exc:
-                outgoing.append(self._dead_letter(record, str(exc)))
-        for version, events in by_model.items():
-            outgoing.extend(await self._generate(self.models[version], events, received_at))
-        await self.bus.send_many(outgoing)
+                letters.append(self._dead_letter(record, str(exc)))
+            except Exception as exc:
+                letters.append(self._internal_error(record, exc))
+            else:
+                by_model.setdefault(event.model_version, []).append((record, event))
+        replies: list[tuple[Record, Message]] = []
+        for version, items in by_model.items():
+            generated, failed = await self._generate_guarded(self.models[version], items, received_at)
+            replies += generated
+            letters += failed
+        if not await self._deliver(replies, letters, stop):
+            # Not committed: this worker (or the next owner of the partitions) reads the batch again.
+            first: dict[tuple[str, int], int] = {}
+            for record in records:
+                key = (record.topic, record.partition)
+                first[key] = min(first.get(key, record.offset), record.offset)
+            self.consumer.seek(first)
+            return
         offsets: dict[tuple[str, int], int] = {}
         for record in records:
             key = (record.topic, record.partition)
             offsets[key] = max(offsets.get(key, 0), record.offset + 1)
-        await self.consumer.commit(offsets)
+        try:
+            await self.consumer.commit(offsets)
+        except Exception as exc:  # a rebalance or a lost broker: the records are served again
+            self.stats.commit_failures += 1
+            log.warning("commit of %d records failed (%s); they will be served again", len(records), exc)
+
+    async def _accept(self, record: Record) -> SessionStart:
+        """Decode and check one request; raise `ProtocolError` naming what is wrong."""
+        event = protocol.decode(record.value)
+        if not isinstance(event, SessionStart):
+            raise ProtocolError("type", f"{event.TYPE} does not belong on {record.topic}")
+        checkpoint = self.models.get(event.model_version)
+        if checkpoint is None:
+            raise ProtocolError("model_version", f"{event.model_version!r} is not served here "
+                                                 f"(serving {', '.join(self.models) or 'nothing'})")
+        protocol.check_session_start(event, checkpoint.spec)
+        if event.reply_topic not in self.config.allowed_reply_topics:
+            raise ProtocolError("reply_topic", f"{event.reply_topic!r} is not a reply topic of this cloud "
+                                               f"(allowed: {', '.join(self.config.allowed_reply_topics)})")
+        count = await self._partition_count(event.reply_topic, event.reply_partition)
+        if event.reply_partition >= count:
+            raise ProtocolError("reply_partition", f"{event.reply_partition} is not a partition of "
+                                                   f"{event.reply_topic} (it has {count})")
+        return event
+
+    async def _partition_count(self, topic: str, wanted: int) -> int:
+        """The topic's partition count; asks the broker again (at most every 5 s) if ``wanted`` is beyond it."""
+        if wanted >= self._partitions.get(topic, 0) and time.monotonic() - self._partitions_checked > 5:
+            await self._refresh_partitions()
+        return self._partitions.get(topic, 0)
+
+    async def _refresh_partitions(self) -> None:
+        self._partitions_checked = time.monotonic()
+        for topic in self.config.allowed_reply_topics:
+            try:
+                self._partitions[topic] = await self.bus.partition_count(topic)
+            except Exception as exc:  # keep what we knew; the broker may be restarting
+                log.warning("could not read the partitions of %s: %s", topic, exc)
+
+    async def _generate_guarded(self, checkpoint: Checkpoint, items: list[tuple[Record, SessionStart]],
+                                received_at: float) -> tuple[list[tuple[Record, Message]], list[Message]]:
+        """Generate a batch; if that fails, each record alone, so one record's failure stays its own."""
+        try:
+            return await self._generate(checkpoint, items, received_at), []
+        except Exception as exc:
+            if len(items) == 1:
+                return [], [self._internal_error(items[0][0], exc)]
+        generated, failed = [], []
+        for item in items:
+            more, bad = await self._generate_guarded(checkpoint, [item], received_at)
+            generated += more
+            failed += bad
+        return generated, failed
+
+    async def _deliver(self, replies: list[tuple[Record, Message]], letters: list[Message],
+                       stop: asyncio.Event | None) -> bool:
+        """Send replies and dead letters until all are acknowledged; False if it gave up first.
+
+        A reply the broker refuses for good (too large, not authorised) turns
+        into a dead letter for its request. While the broker is unreachable the
+        rest is sent again every ``retry_backoff_s`` until ``stop`` is set or
+        ``delivery_timeout_s`` passed.
+        """
+        pending: list[tuple[Message, Record | None]] = [(m, r) for r, m in replies] + [(m, None) for m in letters]
+        give_up = time.monotonic() + self.config.delivery_timeout_s
+        while pending:
+            results = await self.bus.send_many([m for m, _ in pending])
+            retry: list[tuple[Message, Record | None]] = []
+            for (message, source), error in zip(pending, results):
+                if error is None:
+                    continue
+                if is_transient(error):
+                    retry.append((message, source))
+                elif source is not None:
+                    reason = f"reply_partition: the broker refused the reply to {message[0]}[{message[3]}] ({_name(error)})"
+                    retry.append((self._dead_letter(source, reason), None))
+                else:
+                    log.error("a dead letter to %s was refused for good (%s); dropped", message[0], _name(error))
+            if any(error is not None and is_transient(error) for error in results):
+                self.stats.delivery_retries += 1
+                log.warning("%d messages not delivered (is the broker down?); trying again", len(retry))
+                if (stop is not None and stop.is_set()) or time.monotonic() > give_up:
+                    return False
+                await asyncio.sleep(self.config.retry_backoff_s)
+            pending = retry
+        return True
 
     @staticmethod
     def _forward(checkpoint: Checkpoint, realtime: np.ndarray, lengths: np.ndarray):
@@ -151,36 +287,46 @@ class GeneratorService:
             layers = [(w.numpy(), b.numpy()) for w, b in weights]
         return layers, (time.perf_counter() - start) * 1000
 
-    async def _generate(self, checkpoint: Checkpoint, events: list[SessionStart], received_at: float):
+    async def _generate(self, checkpoint: Checkpoint, items: list[tuple[Record, SessionStart]],
+                        received_at: float) -> list[tuple[Record, Message]]:
         length = checkpoint.prep.history_len
-        realtime = np.zeros((len(events), length), np.int64)
-        lengths = np.empty(len(events), np.int64)
-        for i, event in enumerate(events):
-            items = event.realtime[-length:]
-            realtime[i, : len(items)] = items
-            lengths[i] = len(items)
+        realtime = np.zeros((len(items), length), np.int64)
+        lengths = np.empty(len(items), np.int64)
+        for i, (_, event) in enumerate(items):
+            recent = event.realtime[-length:]
+            realtime[i, : len(recent)] = recent
+            lengths[i] = len(recent)
         # In a thread (torch releases the GIL): the consumer keeps fetching the
         # next batch while this one is generated.
         layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, realtime, lengths)
-        self.stats.batches += 1
-        self.stats.served += len(events)
-        self.stats.batch_sizes.append(len(events))
-        self.stats.generation_ms.append(generation_ms)
         method = checkpoint.model.config.method
         replies = []
-        for i, event in enumerate(events):
+        for i, (record, event) in enumerate(items):
             reply = WeightsReady(
-                session_id=event.session_id, device_id=event.device_id, model_version=event.model_version,
-                method=method, layers=[(w[i], b[i]) for w, b in layers], received_at=received_at,
-                sent_at=time.time(), generation_ms=generation_ms, batch_size=len(events),
+                session_id=event.session_id, request_id=event.request_id, device_id=event.device_id,
+                model_version=event.model_version, method=method, layers=[(w[i], b[i]) for w, b in layers],
+                received_at=received_at, sent_at=time.time(), generation_ms=generation_ms, batch_size=len(items),
             )
-            replies.append((event.reply_topic, protocol.encode(reply, self.config.weight_encoding),
-                            event.device_id.encode(), event.reply_partition))
+            replies.append((record, (event.reply_topic, protocol.encode(reply, self.config.weight_encoding),
+                                     event.device_id.encode(), event.reply_partition)))
+        self.stats.batches += 1
+        self.stats.served += len(items)
+        self.stats.batch_sizes.append(len(items))
+        self.stats.generation_ms.append(generation_ms)
         return replies
 
-    def _dead_letter(self, record: Record, reason: str):
+    def _dead_letter(self, record: Record, reason: str) -> Message:
         self.stats.dead_letters += 1
         log.warning("dead letter from %s[%d]@%d: %s", record.topic, record.partition, record.offset, reason)
         letter = DeadLetter(reason=reason, topic=record.topic, partition=record.partition, offset=record.offset,
-                            original=bytes(record.value), at=time.time())
+                            original=bytes(record.value or b""), at=time.time())
         return (self.config.topics.deadletter, protocol.encode(letter), record.key, None)
+
+    def _internal_error(self, record: Record, exc: BaseException) -> Message:
+        self.stats.internal_errors += 1
+        log.error("internal error on %s[%d]@%d", record.topic, record.partition, record.offset, exc_info=exc)
+        return self._dead_letter(record, f"internal error: {_name(exc)}: {exc}"[:500])
+
+
+def _name(exc: BaseException) -> str:
+    return type(exc).__name__

@@ -59,7 +59,7 @@ class DeviceAgent:
         async with self.fleet.compute_lock:
             scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
         return SessionReport(
-            session_id=session.session_id, device_id=self.device_id, method=self.method,
+            session_id=self.fleet.session_id(session), device_id=self.device_id, method=self.method,
             model_version=self.checkpoint.model_version, scores=scores.astype(np.float32).ravel(),
             labels=session.samples.labels.astype(np.float32).ravel(), fallback=fallback,
             delay_ms=delay, payload_bytes=payload,

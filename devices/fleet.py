@@ -2,18 +2,29 @@
 
 The fleet owns the process's Kafka producer and one consumer assigned to its
 reply partition of the weights topic (the request-reply pattern: every
-request names that topic and partition). A dispatcher task hands each reply
-to the agent waiting for its session; a reply for a session nobody waits for
-(a duplicate after at-least-once redelivery, a late reply after a timeout, or
-another fleet's) and a reply whose device id does not match are dropped and
-counted. Replies that fail validation are counted as invalid and dropped.
+request names that topic and partition). Every request carries a fresh
+random ``request_id``; a dispatcher task hands a reply to the agent waiting
+for that request id, and to no one else. So a reply left on the partition by
+an earlier run, or by another fleet, can never be taken for an answer, however
+the consumer's start offset came out (the embedded broker can report a wrong
+end offset). Dropped and counted: a reply to one of our requests whose waiter
+has left (a duplicate after at-least-once redelivery, or late after the
+deadline), a reply to a request we never sent (stale or foreign), and a reply
+that fails validation.
+
+Nothing on the bus can hang a device: sending the request and waiting for
+the reply share one deadline, after which the device falls back; publishing
+a report is bounded by the same deadline and never fails the session.
+Session ids on the wire carry the fleet's run id, so they are unique per run.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +47,7 @@ class FleetConfig:
     topics: Topics = field(default_factory=Topics)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     publish_reports: bool = True
+    run_id: str = ""  # tags this run's session ids on the wire; empty: a random one per fleet
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
@@ -49,9 +61,16 @@ class FleetConfig:
 class FleetStats:
     sessions: int = 0
     fallbacks: int = 0
-    dropped_duplicates: int = 0
-    dropped_foreign: int = 0
+    dropped_duplicates: int = 0  # replies to our requests whose device no longer waits (redelivered or late)
+    dropped_foreign: int = 0  # replies to requests this fleet never sent (an earlier run, another fleet)
     invalid_replies: int = 0
+    send_failures: int = 0  # requests the bus did not take in time (the device fell back)
+    reports_unpublished: int = 0  # reports the bus did not take in time (the session still counts)
+    dispatch_errors: int = 0  # failures of the reply loop itself (it goes on)
+
+
+# Request ids this fleet sent, remembered to tell a late or repeated reply from a foreign one.
+_REMEMBERED = 100_000
 
 
 class Fleet:
@@ -59,7 +78,9 @@ class Fleet:
         self.bus = bus
         self.config = config or FleetConfig()
         self.stats = FleetStats()
-        self._pending: dict[str, tuple[str, asyncio.Future]] = {}
+        self.run_id = self.config.run_id or secrets.token_hex(4)
+        self._pending: dict[str, tuple[str, asyncio.Future]] = {}  # request id -> (device id, reply future)
+        self._sent: OrderedDict[str, None] = OrderedDict()
         self._consumer = None
         self._task: asyncio.Task | None = None
         self._stopping = False
@@ -87,50 +108,85 @@ class Fleet:
             await self._consumer.stop()
             self._consumer = None
 
+    def session_id(self, session: DeviceSession) -> str:
+        """The session's id on the wire: unique per run."""
+        return f"{session.session_id}@{self.run_id}"
+
     async def _dispatch(self) -> None:
         while not self._stopping:
-            for record in await self._consumer.getmany(timeout_ms=100, max_records=1000):
-                received = time.time()
+            try:
+                records = await self._consumer.getmany(timeout_ms=100, max_records=1000)
+            except Exception as exc:  # the reply loop outlives any broker trouble
+                self.stats.dispatch_errors += 1
+                log.warning("reading replies failed (%s: %s); trying again", type(exc).__name__, exc)
+                await asyncio.sleep(0.5)
+                continue
+            for record in records:
                 try:
-                    reply = protocol.decode(record.value)
-                    if not isinstance(reply, WeightsReady):
-                        raise ProtocolError("type", f"{reply.TYPE} does not belong on {record.topic}")
-                except ProtocolError as exc:
-                    self.stats.invalid_replies += 1
-                    log.warning("invalid reply at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
-                    continue
-                waiting = self._pending.get(reply.session_id)
-                if waiting is None:
-                    self.stats.dropped_duplicates += 1
-                    continue
-                device, future = waiting
-                if reply.device_id != device:
-                    self.stats.dropped_foreign += 1
-                elif future.done():  # a redelivered copy that came before its waiter left
-                    self.stats.dropped_duplicates += 1
-                else:
-                    future.set_result((reply, received, len(record.value)))
+                    self._take(record)
+                except Exception:  # a bug of ours: this reply is lost, the loop goes on
+                    self.stats.dispatch_errors += 1
+                    log.exception("reply at %s[%d]@%d", record.topic, record.partition, record.offset)
+
+    def _take(self, record) -> None:
+        received = time.time()
+        try:
+            reply = protocol.decode(record.value)
+            if not isinstance(reply, WeightsReady):
+                raise ProtocolError("type", f"{reply.TYPE} does not belong on {record.topic}")
+        except ProtocolError as exc:
+            self.stats.invalid_replies += 1
+            log.warning("invalid reply at %s[%d]@%d: %s", record.topic, record.partition, record.offset, exc)
+            return
+        waiting = self._pending.get(reply.request_id)
+        if waiting is None:
+            if reply.request_id in self._sent:
+                self.stats.dropped_duplicates += 1
+            else:
+                self.stats.dropped_foreign += 1
+            return
+        device, future = waiting
+        if reply.device_id != device:
+            self.stats.dropped_foreign += 1
+        elif future.done():  # a redelivered copy that came before its waiter left
+            self.stats.dropped_duplicates += 1
+        else:
+            future.set_result((reply, received, len(record.value)))
 
     async def request(self, agent, session: DeviceSession, delay: dict[str, float],
                       payload: dict[str, int]) -> WeightsReady | None:
         """Ask the cloud for a session's weights; None if they do not come in time (or are invalid)."""
-        future = asyncio.get_running_loop().create_future()
-        self._pending[session.session_id] = (agent.device_id, future)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        request_id = protocol.new_request_id()
+        self._pending[request_id] = (agent.device_id, future)
+        self._sent[request_id] = None
+        if len(self._sent) > _REMEMBERED:
+            self._sent.popitem(last=False)
         sent_at = time.time()
+        deadline = loop.time() + self.config.deadline_s
         request = protocol.encode(SessionStart(
-            session_id=session.session_id, device_id=agent.device_id, model_version=agent.checkpoint.model_version,
-            realtime=np.asarray(session.realtime, np.int64), reply_topic=self.config.topics.weights,
-            reply_partition=self.config.reply_partition, sent_at=sent_at,
+            session_id=self.session_id(session), request_id=request_id, device_id=agent.device_id,
+            model_version=agent.checkpoint.model_version, realtime=np.asarray(session.realtime, np.int64),
+            reply_topic=self.config.topics.weights, reply_partition=self.config.reply_partition, sent_at=sent_at,
         ))
         payload["upload"] = len(request)
         try:
-            await self.bus.send(self.config.topics.sessions, request, key=agent.device_id.encode())
-            reply, received_at, size = await asyncio.wait_for(future, self.config.deadline_s)
+            try:
+                await asyncio.wait_for(self.bus.send(self.config.topics.sessions, request,
+                                                     key=agent.device_id.encode()), self.config.deadline_s)
+            except Exception as exc:
+                if not isinstance(exc, asyncio.TimeoutError):
+                    log.warning("session %s: request not sent (%s: %s)", session.session_id, type(exc).__name__, exc)
+                self.stats.send_failures += 1
+                self.stats.fallbacks += 1
+                return None
+            reply, received_at, size = await asyncio.wait_for(future, max(0.0, deadline - loop.time()))
         except asyncio.TimeoutError:
             self.stats.fallbacks += 1
             return None
         finally:
-            self._pending.pop(session.session_id, None)
+            self._pending.pop(request_id, None)
         try:
             protocol.check_weights(reply, agent.checkpoint.spec)
         except ProtocolError as exc:
@@ -151,5 +207,10 @@ class Fleet:
         report = await agent.run_session(session)
         self.stats.sessions += 1
         if self.config.publish_reports:
-            await self.bus.send(self.config.topics.reports, protocol.encode(report), key=agent.device_id.encode())
+            try:
+                await asyncio.wait_for(self.bus.send(self.config.topics.reports, protocol.encode(report),
+                                                     key=agent.device_id.encode()), self.config.deadline_s)
+            except Exception as exc:
+                self.stats.reports_unpublished += 1
+                log.warning("report of session %s not published (%s)", report.session_id, type(exc).__name__)
         return report

@@ -7,15 +7,20 @@ never the default of a run. Both expose:
 - ``ensure_topics({name: partitions})``
 - ``send(topic, value, key=None, partition=None) -> (partition, offset)``,
   returning once the broker acknowledged (acks=all on Kafka);
+- ``send_many(messages) -> [None or the exception, per message]``: sends all,
+  waits for every acknowledgement, and says per message what failed
+  (`is_transient` tells a broker that is away from a message refused for good);
+- ``partition_count(topic)``: partitions of an existing topic;
 - ``group_consumer(topics, group_id)``: partitions shared by a consumer group,
   offsets committed explicitly (at-least-once);
 - ``partition_consumer(topic, partition)``: one partition, no group (how a
-  fleet reads its own reply partition).
+  fleet reads its own reply partition), from its end at start.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -23,12 +28,23 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import TopicAlreadyExistsError
+from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
-from duet_bus.errors import ConfigError
+from duet_bus.errors import ConfigError, DuetError
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+class BusUnavailable(DuetError):
+    """The Kafka cluster named by the bootstrap servers cannot be reached."""
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True for failures that go away when the broker is back (send again); False for a refusal for good."""
+    if isinstance(exc, (KafkaTimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    return isinstance(exc, KafkaError) and exc.retriable
 
 
 @dataclass(frozen=True)
@@ -88,12 +104,13 @@ class Topics:
     weights: str = "duet.weights"
     reports: str = "duet.reports"
     deadletter: str = "duet.deadletter"
+    models: str = "duet.models"
     session_partitions: int = 4
     weight_partitions: int = 4
 
     def all(self) -> dict[str, int]:
         return {self.sessions: self.session_partitions, self.weights: self.weight_partitions,
-                self.reports: 1, self.deadletter: 1}
+                self.reports: 1, self.deadletter: 1, self.models: 1}
 
 
 @dataclass
@@ -113,6 +130,7 @@ class Consumer:
     async def stop(self) -> None: ...
     async def getmany(self, timeout_ms: int, max_records: int) -> list[Record]: ...
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None: ...
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None: ...
     def assignment(self) -> set[tuple[str, int]]: ...
     async def lag(self) -> int: ...
 
@@ -129,6 +147,12 @@ class KafkaBus:
     this much (measured: 5.5 ms per hop at 5, 12.7 ms at 20); lower it for
     latency, raise it to poll less.
 
+    A group consumer's session times out after ``session_timeout_ms`` (6 s,
+    the smallest Apache Kafka allows by default) and it heartbeats every
+    ``heartbeat_interval_ms`` (1 s): a worker killed without leaving the group
+    loses its partitions after about 6 s, and a new worker is taken in at the
+    members' next heartbeat.
+
     The producer batches up to 1 MiB per partition (aiokafka's default is
     16 KiB, which holds one fp32 ``WeightsReady`` of a 64x128 layer at most):
     a cloud batch of 256 replies to one reply partition then goes out in a
@@ -136,28 +160,50 @@ class KafkaBus:
     """
 
     def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
-                 security: Security | None = None) -> None:
+                 security: Security | None = None, session_timeout_ms: int = 6000,
+                 heartbeat_interval_ms: int = 1000) -> None:
         self.bootstrap = bootstrap
         self.client_id = client_id
         self.fetch_max_wait_ms = fetch_max_wait_ms
+        self.session_timeout_ms = session_timeout_ms
+        self.heartbeat_interval_ms = heartbeat_interval_ms
         self.security = security.aiokafka_kwargs() if security else {}
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
-        self._producer = AIOKafkaProducer(
+        producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all", linger_ms=0,
             max_request_size=8 * 1024 * 1024, max_batch_size=1024 * 1024, **self.security,
         )
-        await self._producer.start()
+        async with self._reaching():
+            try:
+                await producer.start()
+            except BaseException:
+                await producer.stop()
+                raise
+        self._producer = producer
 
     async def stop(self) -> None:
         if self._producer is not None:
             await self._producer.stop()
             self._producer = None
 
+    @contextlib.asynccontextmanager
+    async def _reaching(self):
+        """Turn a failed connection at start into one line naming the address and what to do."""
+        try:
+            yield
+        except (KafkaError, OSError) as exc:
+            raise BusUnavailable(
+                f"cannot reach Kafka at {self.bootstrap} ({type(exc).__name__}: {exc}); start a broker with "
+                f"`duet broker` and pass the address it prints, or point --bootstrap at your cluster"
+            ) from exc
+
     async def ensure_topics(self, topics: dict[str, int]) -> None:
+        """Create the topics that do not exist yet (partition counts as given, replication 1)."""
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security)
-        await admin.start()
+        async with self._reaching():
+            await admin.start()
         try:
             existing = set(await admin.list_topics())
             new = [NewTopic(name, parts, 1) for name, parts in topics.items() if name not in existing]
@@ -169,15 +215,29 @@ class KafkaBus:
         finally:
             await admin.close()
 
+    async def partition_count(self, topic: str) -> int:
+        return len(await self._producer.partitions_for(topic))
+
     async def send(self, topic: str, value: bytes, key: bytes | None = None,
                    partition: int | None = None) -> tuple[int, int]:
         meta = await self._producer.send_and_wait(topic, value, key=key, partition=partition)
         return meta.partition, meta.offset
 
-    async def send_many(self, messages: list[tuple[str, bytes, bytes | None, int | None]]) -> None:
-        """Send several messages and wait until all are acknowledged."""
-        futures = [await self._producer.send(t, v, key=k, partition=p) for t, v, k, p in messages]
-        await asyncio.gather(*futures)
+    async def send_many(self, messages: list[tuple[str, bytes, bytes | None, int | None]]) -> list[BaseException | None]:
+        """Send several messages; wait for every acknowledgement; per message None or what failed."""
+        pending: list[asyncio.Future | BaseException] = []
+        for topic, value, key, partition in messages:
+            try:
+                pending.append(await self._producer.send(topic, value, key=key, partition=partition))
+            except Exception as exc:  # refused before it left (unknown partition, too large, ...)
+                pending.append(exc)
+        futures = [p for p in pending if not isinstance(p, BaseException)]
+        done = iter(await asyncio.gather(*futures, return_exceptions=True))
+        out: list[BaseException | None] = []
+        for p in pending:
+            result = p if isinstance(p, BaseException) else next(done)
+            out.append(result if isinstance(result, BaseException) else None)
+        return out
 
     def group_consumer(self, topics: list[str], group_id: str) -> Consumer:
         return _KafkaConsumer(self, topics=topics, group_id=group_id)
@@ -191,14 +251,24 @@ class _KafkaConsumer(Consumer):
                  assign: list[TopicPartition] | None = None) -> None:
         self._assign = assign
         self._topics = topics or []
+        # "earliest" also for a partition consumer: it starts at the end (seek_to_end),
+        # and if its position ever falls off the log (a broker that lost its data
+        # and came back) everything on the partition is new to it.
+        self._bus = bus
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=bus.bootstrap, client_id=bus.client_id, group_id=group_id,
-            enable_auto_commit=False, auto_offset_reset="earliest" if group_id else "latest",
+            enable_auto_commit=False, auto_offset_reset="earliest",
+            session_timeout_ms=bus.session_timeout_ms, heartbeat_interval_ms=bus.heartbeat_interval_ms,
             fetch_max_wait_ms=bus.fetch_max_wait_ms, max_partition_fetch_bytes=8 * 1024 * 1024, **bus.security,
         )
 
     async def start(self) -> None:
-        await self._consumer.start()
+        async with self._bus._reaching():
+            try:
+                await self._consumer.start()
+            except BaseException:
+                await self._consumer.stop()
+                raise
         if self._assign:
             self._consumer.assign(self._assign)
             await self._consumer.seek_to_end(*self._assign)
@@ -216,6 +286,13 @@ class _KafkaConsumer(Consumer):
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if offsets:
             await self._consumer.commit({TopicPartition(t, p): o for (t, p), o in offsets.items()})
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        assigned = self._consumer.assignment()
+        for (topic, partition), offset in offsets.items():
+            tp = TopicPartition(topic, partition)
+            if tp in assigned:  # a partition lost in a rebalance is read again by its new owner
+                self._consumer.seek(tp, offset)
 
     def assignment(self) -> set[tuple[str, int]]:
         return {(tp.topic, tp.partition) for tp in self._consumer.assignment()}
@@ -262,6 +339,9 @@ class MemoryBus:
         for name, parts in topics.items():
             self.topics.setdefault(name, [[] for _ in range(parts)])
 
+    async def partition_count(self, topic: str) -> int:
+        return len(self.topics.get(topic, ()))
+
     async def send(self, topic: str, value: bytes, key: bytes | None = None,
                    partition: int | None = None) -> tuple[int, int]:
         if topic not in self.topics:
@@ -269,14 +349,22 @@ class MemoryBus:
         parts = self.topics[topic]
         if partition is None:
             partition = (hash(key) if key is not None else len(parts[0])) % len(parts)
+        if not 0 <= partition < len(parts):
+            raise KafkaError(f"{topic} has no partition {partition}")
         log = parts[partition]
         log.append(Record(topic, partition, len(log), key, value, int(time.time() * 1000)))
         self._changed.set()
         return partition, len(log) - 1
 
-    async def send_many(self, messages: list[tuple[str, bytes, bytes | None, int | None]]) -> None:
+    async def send_many(self, messages: list[tuple[str, bytes, bytes | None, int | None]]) -> list[BaseException | None]:
+        out: list[BaseException | None] = []
         for topic, value, key, partition in messages:
-            await self.send(topic, value, key, partition)
+            try:
+                await self.send(topic, value, key, partition)
+                out.append(None)
+            except Exception as exc:  # as Kafka refuses a partition that does not exist
+                out.append(exc)
+        return out
 
     def group_consumer(self, topics: list[str], group_id: str) -> Consumer:
         return _MemoryConsumer(self, topics, group_id)
@@ -344,6 +432,9 @@ class _MemoryConsumer(Consumer):
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if self.group_id:
             self.bus.groups[self.group_id].committed.update(offsets)
+
+    def seek(self, offsets: dict[tuple[str, int], int]) -> None:
+        self.positions.update(offsets)
 
     async def lag(self) -> int:
         return sum(len(self.bus.topics[t][p]) - self._position((t, p)) for t, p in self.assignment())

@@ -6,13 +6,21 @@ describes every field for clients in other languages.
 
 Decoding validates everything it can without a model (version, types, array
 encodings, finite values, size limits) and raises `ProtocolError` naming the
-field. What depends on the model (item-id range, weight shapes) is checked by
-`check_session_start` / `check_weights` against a `ModelSpec`.
+field; it never raises anything else, whatever the bytes (a fuzz test holds it
+to that). What depends on the model (item-id range, weight shapes) is checked
+by `check_session_start` / `check_weights` against a `ModelSpec`.
+
+Version 2 added ``request_id``: a fresh random nonce per request that the
+reply carries back, so a device takes only the answer to the request it sent
+(never a reply left on the topic by an earlier run), and ``model_info``, the
+record by which the cloud announces what it serves.
 """
 
 from __future__ import annotations
 
 import math
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +30,18 @@ import numpy as np
 from duet_bus import tensors
 from duet_bus.errors import DuetError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARRAY_ELEMENTS = 1 << 20
 MAX_REALTIME = 1024
+MAX_PARTITION = (1 << 31) - 1
+# What Kafka itself accepts as a topic name.
+_TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
+
+
+def new_request_id() -> str:
+    """A fresh nonce for one request: 128 random bits, hex."""
+    return secrets.token_hex(16)
 
 
 class ProtocolError(DuetError):
@@ -51,6 +67,7 @@ class SessionStart:
     """Device -> cloud: "here are my real-time samples, send my dynamic weights"."""
 
     session_id: str
+    request_id: str  # a fresh nonce (`new_request_id`); only the reply that carries it back answers this request
     device_id: str
     model_version: str
     realtime: np.ndarray  # int64 item ids, most recent last
@@ -65,6 +82,7 @@ class WeightsReady:
     """Cloud -> device: the dynamic-layer weights generated for one session."""
 
     session_id: str
+    request_id: str  # copied from the request
     device_id: str
     model_version: str
     method: str
@@ -105,7 +123,28 @@ class DeadLetter:
     TYPE = "dead_letter"
 
 
-Event = SessionStart | WeightsReady | SessionReport | DeadLetter
+@dataclass
+class ModelInfo:
+    """Cloud -> models topic: what a worker serves, so a client can build valid requests.
+
+    Published by every worker when it starts, keyed by ``model_version``; a
+    client reads the topic from the beginning and keeps the latest per key.
+    """
+
+    model_version: str
+    method: str  # what its replies say: duet or duet_no_swa
+    backbone: str
+    n_items: int  # item ids are 1..n_items
+    realtime_len: int  # L: at most this many real-time samples are used (the most recent)
+    layer_shapes: list[list[int]]  # (in, out) of each dynamic layer, first layer first
+    weight_encoding: str  # float32, float16 or int8 on the wire
+    sessions_topic: str  # where requests go
+    reply_topics: list[str]  # the only topics a request may name as reply_topic
+    at: float  # cloud wall clock
+    TYPE = "model_info"
+
+
+Event = SessionStart | WeightsReady | SessionReport | DeadLetter | ModelInfo
 
 
 def encode(event: Event, weight_encoding: str | None = None) -> bytes:
@@ -123,24 +162,61 @@ def encode(event: Event, weight_encoding: str | None = None) -> bytes:
 
 def decode(data: bytes) -> Event:
     """Parse and validate one event; raise `ProtocolError` naming the field."""
+    if data is None:
+        raise ProtocolError("message", "no value (a tombstone): expected a msgpack map")
     if not isinstance(data, (bytes, bytearray)):
         raise ProtocolError("message", f"expected bytes, got {type(data).__name__}")
     if len(data) > MAX_MESSAGE_BYTES:
         raise ProtocolError("message", f"{len(data)} bytes exceed the limit of {MAX_MESSAGE_BYTES}")
-    try:
-        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
-    except Exception as exc:  # msgpack raises several unrelated types
-        raise ProtocolError("message", f"not valid msgpack ({exc.__class__.__name__})") from exc
+    if not data:
+        raise ProtocolError("message", "empty value: expected a msgpack map")
+    body = _unpack(bytes(data))
     if not isinstance(body, dict):
-        raise ProtocolError("message", f"expected a map, got {type(body).__name__}")
+        raise ProtocolError("message", f"expected a map, got {_kind(body)}")
+    for key in body:
+        if not isinstance(key, str):
+            raise ProtocolError("message", f"map keys must be strings, got a key of type {_kind(key)}")
     version = body.get("v")
-    if version != SCHEMA_VERSION:
-        raise ProtocolError("v", f"schema version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise ProtocolError("v", f"schema version {_show(version)} is not supported (expected the integer "
+                                 f"{SCHEMA_VERSION})")
     kind = body.get("type")
-    parser = _PARSERS.get(kind)
+    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
     if parser is None:
-        raise ProtocolError("type", f"unknown event type {kind!r} (known: {', '.join(_PARSERS)})")
+        raise ProtocolError("type", f"unknown event type {_show(kind)} (known: {', '.join(_PARSERS)})")
     return parser(_Fields(body))
+
+
+def _unpack(data: bytes) -> Any:
+    """msgpack -> Python, with a reason a client can act on when it fails."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, max_bin_len=MAX_MESSAGE_BYTES,
+                               max_str_len=MAX_MESSAGE_BYTES)
+    except UnicodeDecodeError as exc:
+        raise ProtocolError("message", "a msgpack str holds bytes that are not UTF-8 (binary data must be "
+                                       "packed as bin)") from exc
+    except msgpack.ExtraData as exc:
+        if isinstance(exc.unpacked, dict):
+            raise ProtocolError("message", f"{len(exc.extra)} bytes follow the msgpack map (one map per "
+                                           f"message)") from exc
+        raise ProtocolError("message", f"not a msgpack map: the bytes start with a msgpack {_kind(exc.unpacked)} "
+                                       f"and {len(exc.extra)} more bytes follow") from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        # Truncated data, reserved bytes, nesting or ext types msgpack cannot turn into Python.
+        raise ProtocolError("message", f"not valid msgpack ({exc.__class__.__name__}: {exc})"[:300]) from exc
+
+
+def _kind(value: Any) -> str:
+    return {dict: "map", list: "array", bytes: "bin", str: "str", bool: "bool", int: "int",
+            float: "float", type(None): "nil"}.get(type(value), type(value).__name__)
+
+
+def _show(value: Any) -> str:
+    """A value in an error message: short, and never a whole payload."""
+    if isinstance(value, (dict, list, bytes)):
+        return f"a {_kind(value)}"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _Fields:
@@ -153,38 +229,48 @@ class _Fields:
         if name not in self.body:
             raise ProtocolError(name, "missing")
         value = self.body[name]
+        # A number field takes msgpack int or float: many encoders write 2.0 as an int.
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-            raise ProtocolError(name, f"expected {names}, got {type(value).__name__}")
+            names = _kind(kind()) if isinstance(kind, type) else " or ".join(_kind(k()) for k in kind)
+            raise ProtocolError(name, f"expected {'a number' if kind is float else names}, got {_kind(value)}")
         if isinstance(value, float) and not math.isfinite(value):
             raise ProtocolError(name, f"must be finite, got {value}")
         return value
 
-    def text(self, name: str) -> str:
+    def text(self, name: str, limit: int = 256) -> str:
         value = self.get(name, str)
-        if not value or len(value) > 256:
-            raise ProtocolError(name, "must be a non-empty string of at most 256 characters")
+        if not value or len(value) > limit:
+            raise ProtocolError(name, f"must be a non-empty string of at most {limit} characters, "
+                                      f"got {len(value)}")
         return value
 
-    def count(self, name: str) -> int:
+    def topic(self, name: str) -> str:
+        value = self.get(name, str)
+        if not _TOPIC_NAME.match(value):
+            raise ProtocolError(name, f"{_show(value)} is not a legal Kafka topic name (1-249 of a-z A-Z 0-9 . _ -)")
+        return value
+
+    def count(self, name: str, limit: int = MAX_PARTITION) -> int:
         value = self.get(name, int)
-        if value < 0:
-            raise ProtocolError(name, f"must be non-negative, got {value}")
+        if not 0 <= value <= limit:
+            raise ProtocolError(name, f"must be in 0..{limit}, got {_show(value)}")
         return value
 
-    def array(self, name: str, value=None) -> np.ndarray:
+    def array(self, name: str, value: Any = None) -> np.ndarray:
         try:
-            return tensors.decode(self.body.get(name) if value is None else value, MAX_ARRAY_ELEMENTS)
+            return tensors.decode(self.get(name, dict) if value is None else value, MAX_ARRAY_ELEMENTS)
         except tensors.TensorError as exc:
             raise ProtocolError(name, str(exc)) from exc
 
     def number_map(self, name: str, kind: type) -> dict:
         value = self.get(name, dict)
         for key, item in value.items():
-            if not isinstance(key, str) or not isinstance(item, (int, float)) or isinstance(item, bool):
-                raise ProtocolError(f"{name}.{key}", f"expected a {kind.__name__}")
+            if not isinstance(key, str):
+                raise ProtocolError(name, f"keys must be strings, got {_kind(key)}")
+            if not isinstance(item, (int, float)) or isinstance(item, bool):
+                raise ProtocolError(f"{name}.{key}", f"expected a number, got {_kind(item)}")
             if not math.isfinite(item):
                 raise ProtocolError(f"{name}.{key}", f"must be finite, got {item}")
         return {k: kind(v) for k, v in value.items()}
@@ -192,14 +278,14 @@ class _Fields:
 
 def _session_start(f: _Fields) -> SessionStart:
     realtime = f.array("realtime")
+    if f.body["realtime"]["dtype"] not in ("int32", "int64"):
+        raise ProtocolError("realtime", f"item ids must be int32 or int64, got {f.body['realtime']['dtype']}")
     if realtime.ndim != 1 or not 1 <= len(realtime) <= MAX_REALTIME:
         raise ProtocolError("realtime", f"must be 1-D with 1..{MAX_REALTIME} item ids, got shape {realtime.shape}")
-    if realtime.dtype != np.int64 or f.body["realtime"]["dtype"] not in ("int32", "int64"):
-        raise ProtocolError("realtime", "item ids must be int32 or int64")
     return SessionStart(
-        session_id=f.text("session_id"), device_id=f.text("device_id"), model_version=f.text("model_version"),
-        realtime=realtime, reply_topic=f.text("reply_topic"), reply_partition=f.count("reply_partition"),
-        sent_at=f.get("sent_at", float),
+        session_id=f.text("session_id"), request_id=f.text("request_id", 64), device_id=f.text("device_id"),
+        model_version=f.text("model_version"), realtime=realtime, reply_topic=f.topic("reply_topic"),
+        reply_partition=f.count("reply_partition"), sent_at=f.get("sent_at", float),
     )
 
 
@@ -216,7 +302,8 @@ def _weights_ready(f: _Fields) -> WeightsReady:
             raise ProtocolError(f"layers[{n}]", f"w must be (in, out) and b (out,), got {w.shape} and {b.shape}")
         layers.append((w, b))
     return WeightsReady(
-        session_id=f.text("session_id"), device_id=f.text("device_id"), model_version=f.text("model_version"),
+        session_id=f.text("session_id"), request_id=f.text("request_id", 64), device_id=f.text("device_id"),
+        model_version=f.text("model_version"),
         method=f.text("method"), layers=layers, received_at=f.get("received_at", float),
         sent_at=f.get("sent_at", float), generation_ms=f.get("generation_ms", float),
         batch_size=f.count("batch_size"),
@@ -241,11 +328,28 @@ def _dead_letter(f: _Fields) -> DeadLetter:
     )
 
 
+def _model_info(f: _Fields) -> ModelInfo:
+    shapes = f.get("layer_shapes", list)
+    if not shapes or not all(isinstance(s, list) and len(s) == 2 and all(
+            type(d) is int and d > 0 for d in s) for s in shapes):
+        raise ProtocolError("layer_shapes", "must be a non-empty list of [in, out] positive integers")
+    topics = f.get("reply_topics", list)
+    if not topics or not all(isinstance(t, str) and _TOPIC_NAME.match(t) for t in topics):
+        raise ProtocolError("reply_topics", "must be a non-empty list of topic names")
+    return ModelInfo(
+        model_version=f.text("model_version"), method=f.text("method"), backbone=f.text("backbone"),
+        n_items=f.count("n_items", 1 << 62), realtime_len=f.count("realtime_len", MAX_REALTIME),
+        layer_shapes=shapes, weight_encoding=f.text("weight_encoding"), sessions_topic=f.topic("sessions_topic"),
+        reply_topics=topics, at=f.get("at", float),
+    )
+
+
 _PARSERS = {
     SessionStart.TYPE: _session_start,
     WeightsReady.TYPE: _weights_ready,
     SessionReport.TYPE: _session_report,
     DeadLetter.TYPE: _dead_letter,
+    ModelInfo.TYPE: _model_info,
 }
 
 

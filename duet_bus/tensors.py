@@ -16,6 +16,7 @@ import numpy as np
 
 WIRE_DTYPES = {"float32", "float16", "int8", "int32", "int64"}
 WEIGHT_ENCODINGS = ("float32", "float16", "int8")
+MAX_DIMS = 8
 
 
 class TensorError(ValueError):
@@ -49,13 +50,17 @@ def decode(obj: object, max_elements: int) -> np.ndarray:
     if missing:
         raise TensorError(f"encoded array lacks {sorted(missing)}")
     dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if dtype not in WIRE_DTYPES:
-        raise TensorError(f"dtype {dtype!r} not allowed (allowed: {sorted(WIRE_DTYPES)})")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise TensorError(f"shape must be a list of non-negative integers, got {shape!r}")
+    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+        shown = repr(dtype)[:40] if isinstance(dtype, str) else f"of type {type(dtype).__name__}"
+        raise TensorError(f"dtype {shown} not allowed (allowed: {sorted(WIRE_DTYPES)})")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise TensorError("shape must be a list of non-negative integers")
+    if len(shape) > MAX_DIMS:
+        raise TensorError(f"{len(shape)} dimensions exceed the limit of {MAX_DIMS}")
+    # Each dimension on its own too: [0, 2**63] holds no element but no array can have it.
+    if any(d > max_elements for d in shape) or math.prod(shape) > max_elements:
+        raise TensorError(f"shape {shape} exceeds the limit of {max_elements} elements")
     count = math.prod(shape)
-    if count > max_elements:
-        raise TensorError(f"{count} elements exceed the limit of {max_elements}")
     if not isinstance(data, bytes):
         raise TensorError(f"data must be bytes, got {type(data).__name__}")
     wire = np.dtype(dtype).newbyteorder("<")
@@ -64,8 +69,8 @@ def decode(obj: object, max_elements: int) -> np.ndarray:
     array = np.frombuffer(data, dtype=wire).reshape(shape)
     if dtype == "int8":
         scale = obj.get("scale")
-        if not isinstance(scale, float) or not math.isfinite(scale) or scale <= 0:
-            raise TensorError(f"int8 array needs a positive finite scale, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise TensorError(f"int8 array needs a positive finite number as scale, got {repr(scale)[:40]}")
         return array.astype(np.float32) * np.float32(scale)
     if dtype in ("float16", "float32"):
         array = array.astype(np.float32)

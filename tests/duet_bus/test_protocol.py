@@ -7,7 +7,7 @@ from duet_bus.protocol import ModelSpec, ProtocolError, SessionReport, SessionSt
 
 
 def start(**kw):
-    base = dict(session_id="s1", device_id="d1", model_version="m1", realtime=np.array([3, 4, 5]),
+    base = dict(session_id="s1", request_id="r1", device_id="d1", model_version="m1", realtime=np.array([3, 4, 5]),
                 reply_topic="duet.weights", reply_partition=2, sent_at=1.5)
     return SessionStart(**{**base, **kw})
 
@@ -18,7 +18,7 @@ def test_events_round_trip():
     assert isinstance(back, SessionStart) and back.session_id == "s1" and back.reply_partition == 2
     assert np.array_equal(back.realtime, [3, 4, 5])
     w = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
-    reply = WeightsReady("s1", "d1", "m1", "duet", [(w, np.ones(3, np.float32))], 1.0, 2.0, 0.3, 7)
+    reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(w, np.ones(3, np.float32))], 1.0, 2.0, 0.3, 7)
     back = protocol.decode(protocol.encode(reply))
     assert np.array_equal(back.layers[0][0], w) and back.batch_size == 7
     report = SessionReport("s1", "d1", "duet", "m1", np.zeros(3, np.float32), np.ones(3, np.float32), False,
@@ -29,7 +29,7 @@ def test_events_round_trip():
 @pytest.mark.parametrize("encoding,tolerance,ratio", [("float16", 1e-2, 0.55), ("int8", 3e-2, 0.35)])
 def test_reduced_precision_weights_shrink_the_payload(encoding, tolerance, ratio):
     w = np.random.default_rng(0).standard_normal((64, 128)).astype(np.float32)
-    reply = WeightsReady("s1", "d1", "m1", "duet", [(w, np.zeros(128, np.float32))], 1.0, 2.0, 0.3, 1)
+    reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(w, np.zeros(128, np.float32))], 1.0, 2.0, 0.3, 1)
     full, small = protocol.encode(reply), protocol.encode(reply, encoding)
     assert len(small) < ratio * len(full)
     got = protocol.decode(small).layers[0][0]
@@ -39,7 +39,7 @@ def test_reduced_precision_weights_shrink_the_payload(encoding, tolerance, ratio
 def test_every_bad_field_is_named():
     good = msgpack.unpackb(protocol.encode(start()))
     cases = {
-        "v": {**good, "v": 2},
+        "v": {**good, "v": 1},
         "type": {**good, "type": "hello"},
         "session_id": {**good, "session_id": 7},
         "reply_partition": {**good, "reply_partition": -1},
@@ -63,7 +63,7 @@ def test_model_checks():
         protocol.check_session_start(start(realtime=np.array([11])), spec)
     with pytest.raises(ProtocolError, match="model_version"):
         protocol.check_session_start(start(model_version="other"), spec)
-    reply = WeightsReady("s1", "d1", "m1", "duet", [(np.zeros((4, 2), np.float32), np.zeros(2, np.float32))],
+    reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(np.zeros((4, 2), np.float32), np.zeros(2, np.float32))],
                          1.0, 2.0, 0.3, 1)
     with pytest.raises(ProtocolError, match="layers: shapes"):
         protocol.check_weights(reply, spec)

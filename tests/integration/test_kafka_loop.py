@@ -85,7 +85,8 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_service_goes_on(
     service = GeneratorService(kafka_bus, [duet_checkpoint], CloudConfig(topics=kafka_topics))
     stop, task = await running(service)
     good = offline_test_sessions(tiny_shared)[0]
-    base = {"v": 1, "type": "session_start", "session_id": "s", "device_id": "d",
+    base = {"v": protocol.SCHEMA_VERSION, "type": "session_start", "session_id": "s", "request_id": "r",
+            "device_id": "d",
             "model_version": duet_checkpoint.model_version, "reply_topic": kafka_topics.weights,
             "reply_partition": 0, "sent_at": 1.0}
     nan = np.array([1.0, np.nan], np.float32)
@@ -116,7 +117,7 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_service_goes_on(
     assert not report.fallback  # the good session was served after the bad ones
     reasons = sorted(letter.reason for letter in letters)
     assert len(reasons) == 4 and service.stats.dead_letters == 4
-    assert any(r.startswith("message: not valid msgpack") for r in reasons)
+    assert any(r.startswith("message: not a msgpack map") for r in reasons)
     assert any(r.startswith("v: schema version 99") for r in reasons)
     assert any(r.startswith("realtime:") and "NaN" in r for r in reasons)
     assert any(r.startswith("realtime: item id 1000000") for r in reasons)
