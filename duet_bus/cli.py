@@ -149,15 +149,25 @@ def _security(args: argparse.Namespace):
 def cmd_broker(args: argparse.Namespace) -> int:
     import time
 
-    from duet_bus.broker import EmbeddedBroker
+    from duet_bus.broker import BrokerError, EmbeddedBroker
 
     with EmbeddedBroker(port=args.port) as broker:
         print(f"embedded Kafka-compatible broker (Tansu) on {broker.bootstrap}; "
               f"use --bootstrap {broker.bootstrap} or export {BOOTSTRAP_ENV}={broker.bootstrap}. Ctrl-C stops it.",
               flush=True)
-        while broker.process is not None and broker.process.poll() is None:
-            time.sleep(0.5)
-    return 0
+        while broker.alive():
+            time.sleep(0.2)
+        raise BrokerError(broker.exit_reason())
+
+
+def _stop_on_signals(stop) -> None:
+    """SIGTERM and SIGINT both set ``stop``: the command finishes its work in hand and exits 0."""
+    import asyncio
+    import signal
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
 
 
 def cmd_cloud(args: argparse.Namespace) -> int:
@@ -173,30 +183,63 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     security = _security(args)
     models = [checkpoint.load(path) for path in args.checkpoint]
     config = CloudConfig(group_id=args.group, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                         weight_encoding=args.weight_encoding)
+                         weight_encoding=args.weight_encoding, reply_topics=tuple(args.reply_topics or ()))
 
     async def serve() -> None:
+        import time
+
+        started = time.monotonic()
+        stop = asyncio.Event()
+        _stop_on_signals(stop)
         bus = KafkaBus(bootstrap, security=security)
         await bus.start()
         service = GeneratorService(bus, models, config)
-        await service.start()
-        console.print(f"cloud worker in group {config.group_id!r} serving "
-                      f"{', '.join(m.model_version for m in models)} on {bootstrap}")
-        stop = asyncio.Event()
-        task = asyncio.create_task(service.run(stop))
         try:
+            await service.start()
+            console.print(f"cloud worker in group {config.group_id!r} serving "
+                          f"{', '.join(m.model_version for m in models)} on {bootstrap} (replies only to "
+                          f"{', '.join(config.allowed_reply_topics)}; what it serves is on {config.topics.models})")
+            task = asyncio.create_task(service.run(stop))
+            owned: set = set()
+            next_line = time.monotonic() + 5
             while not task.done():
-                await asyncio.sleep(5)
-                s = service.stats
-                console.print(f"served {s.served} sessions in {s.batches} batches, dead letters {s.dead_letters}, "
-                              f"lag {s.lag}")
+                await asyncio.wait({task}, timeout=0.1)
+                now = service.consumer.assignment() if service.consumer else set()
+                if now != owned:
+                    owned = now
+                    parts = ", ".join(str(p) for _, p in sorted(owned)) or "none"
+                    console.print(f"partitions of {config.topics.sessions}: {parts} "
+                                  f"({time.monotonic() - started:.1f} s after start)")
+                if time.monotonic() >= next_line:
+                    next_line += 5
+                    console.print(_cloud_line(service.stats))
+            await task  # re-raises what stopped it, if anything but the stop event
         finally:
             stop.set()
-            await task
-            await service.stop()
-            await bus.stop()
+            await service.stop()  # leaves the group: the partitions move at once
+            await bus.stop()  # flushes what is still being sent
+        console.print(f"stopped: {_cloud_line(service.stats)}")
 
     asyncio.run(serve())
+    return 0
+
+
+def _cloud_line(s) -> str:
+    return (f"served {s.served} sessions in {s.batches} batches, dead letters {s.dead_letters} "
+            f"(internal errors {s.internal_errors}), lag {s.lag}")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from cloud import CloudConfig, GeneratorService
+    from duet_bus import checkpoint
+
+    ckpt = checkpoint.load(args.checkpoint)
+    info = asdict(GeneratorService(None, [ckpt], CloudConfig(weight_encoding=args.weight_encoding)).model_info(ckpt))
+    info.pop("at")
+    info["history_len"] = ckpt.prep.history_len
+    console.print_json(json.dumps(info))
     return 0
 
 
@@ -222,27 +265,31 @@ def cmd_devices(args: argparse.Namespace) -> int:
         raise DuetError(f"--count: must be in 1..{prepared.n_users}, got {args.count}")
     sessions = offline_test_sessions(prepared, np.arange(args.count))
 
-    async def run() -> list:
+    async def run() -> tuple[list, object]:
         bus = KafkaBus(bootstrap, security=security)
         await bus.start()
-        fleet = Fleet(bus, FleetConfig(fleet_id=args.fleet_id, reply_partition=args.reply_partition,
-                                       deadline_s=args.deadline))
-        await fleet.start()
         try:
-            agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
-            return await asyncio.gather(*(fleet.run(a, s) for a, s in zip(agents, sessions)))
+            fleet = Fleet(bus, FleetConfig(fleet_id=args.fleet_id, reply_partition=args.reply_partition,
+                                           deadline_s=args.deadline))
+            await fleet.start()
+            try:
+                agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
+                return await asyncio.gather(*(fleet.run(a, s) for a, s in zip(agents, sessions))), fleet.stats
+            finally:
+                await fleet.stop()
         finally:
-            await fleet.stop()
             await bus.stop()
 
-    reports = asyncio.run(run())
+    reports, stats = asyncio.run(run())
     rtt = [r.delay_ms["round_trip_ms"] for r in reports if "round_trip_ms" in r.delay_ms]
     fallbacks = sum(r.fallback for r in reports)
     labels = np.stack([r.labels for r in reports])
     scores = np.stack([r.scores for r in reports])
     console.print(f"{len(reports)} sessions ({ckpt.model_version}): AUC {auc(labels, scores):.4f}, "
                   f"fallbacks {fallbacks}" + (f", round trip p50 {np.percentile(rtt, 50):.2f} ms "
-                                              f"p99 {np.percentile(rtt, 99):.2f} ms" if rtt else ""))
+                                              f"p99 {np.percentile(rtt, 99):.2f} ms" if rtt else "")
+                  + f"; replies dropped: {stats.dropped_duplicates} duplicate or late, {stats.dropped_foreign} "
+                    f"not ours, {stats.invalid_replies} invalid")
     return 0
 
 
@@ -373,8 +420,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a batch may wait to fill after its first event (default 0: take what has arrived)")
     p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    p.add_argument("--reply-topic", action="append", dest="reply_topics",
+                   help="a topic requests may name as reply_topic (repeatable; default: duet.weights only)")
     _add_security_args(p)
     p.set_defaults(func=cmd_cloud)
+
+    p = sub.add_parser("info", help="what a checkpoint serves: model version, item ids, L, layer shapes (as JSON)")
+    p.add_argument("checkpoint")
+    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")
     p.add_argument("--bootstrap", help=f"Kafka bootstrap servers (or ${BOOTSTRAP_ENV})")
@@ -390,8 +444,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _setup_logging() -> None:
+    """Our loggers (duet.*) say what went wrong with a record or the bus, one line each.
+
+    aiokafka logs every failed connection attempt while a broker is away;
+    those lines repeat what our own say, so only its critical ones show
+    (``DUET_KAFKA_LOG=warning`` shows them all).
+    """
+    import logging
+    import os
+
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("aiokafka").setLevel(os.environ.get("DUET_KAFKA_LOG", "critical").upper())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging()
     try:
         return args.func(args)
     except DuetError as exc:

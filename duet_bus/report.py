@@ -198,7 +198,7 @@ def run_table(doc: dict) -> Table:
         caption="AUC per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
                 f"+ cloud (this machine, {'in-process bus' if scenario['bus_kind'] == 'memory' else 'over Kafka'}); "
                 "modelled = radio upload + download (network profile); "
-                "device = fine-tuning + inference (measured x compute_factor).",
+                "device = fine-tuning + inference (measured x compute_factor)." + _bus_counts(run),
     )
     for name in ("Method", "Sessions", "AUC mean", "AUC std", "NDCG@10", "HR@10", "Fallbacks",
                  "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
@@ -214,6 +214,15 @@ def run_table(doc: dict) -> Table:
                       f"{modelled:.3f}", f"{device:.2f}",
                       f"{r['payload_bytes']['upload_mean']:.0f}/{r['payload_bytes']['download_mean']:.0f}")
     return table
+
+
+def _bus_counts(run: dict) -> str:
+    bus = run.get("over_the_bus")
+    if not bus:
+        return ""
+    return (f"\nOver the bus: {bus['started']} requests started, {bus['answered']} answered, "
+            f"{bus['fell_back']} fell back, {bus['lost']} lost; "
+            f"{run.get('cloud', {}).get('dead_letters', 0)} dead letters.")
 
 
 # -- plots -------------------------------------------------------------------------------------------

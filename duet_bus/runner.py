@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import time
@@ -54,6 +55,7 @@ from duet_bus.shifts import SHIFTS
 from duet_bus.train import TrainConfig
 
 LOCAL_METHODS = ("base", "finetune")
+log = logging.getLogger("duet.runner")
 
 
 @dataclass
@@ -105,6 +107,11 @@ class RunState:
     wall_s: float = 0.0
     sessions: int = 0
     fallbacks: int = 0
+    # Every scoring that needs the cloud should end answered or fallen back; the report counts
+    # what ended in neither (an exception escaped the device, or the run was cut) as lost.
+    cloud_started: int = 0
+    cloud_answered: int = 0
+    cloud_fell_back: int = 0
     devices_active: int = 0
     finished: bool = False
     interrupted: bool = False
@@ -229,13 +236,24 @@ class Runner:
         local = [m for m in self.scenario.methods if m in LOCAL_METHODS]
         requests = [(job, m, replace(job.session, session_id=f"{job.session.session_id}-{m}"))
                     for job in jobs for m in cloud]
-        reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests))
-        results = {(id(job), m): r for (job, m, _), r in zip(requests, reports)}
+        self.state.cloud_started += len(requests)
+        reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests),
+                                       return_exceptions=True)
+        results: dict[tuple[int, str], SessionReport] = {}
+        for (job, m, session), report in zip(requests, reports):
+            if isinstance(report, BaseException):
+                log.error("session %s lost", session.session_id, exc_info=report)
+                continue
+            self.state.cloud_answered += not report.fallback
+            self.state.cloud_fell_back += report.fallback
+            results[id(job), m] = report
         for job in jobs:
             for m in local:
                 results[id(job), m] = await fleet.run(self._agent(job.device, m), job.session)
         for job in jobs:
             for method in self.scenario.methods:
+                if (id(job), method) not in results:
+                    continue
                 record = self._record(job, method, results[id(job), method])
                 job.delay_s = max(job.delay_s, record.total_ms / 1000)
                 self.state.records.append(record)
@@ -460,7 +478,12 @@ def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, 
            "checkpoints": {m: c.model_version for m, c in checkpoints.items()},
            "cloud": {"workers": len(state.cloud), "served": sum(c.stats.served for c in state.cloud),
                      "batches": sum(c.stats.batches for c in state.cloud),
-                     "dead_letters": sum(c.stats.dead_letters for c in state.cloud)},
+                     "dead_letters": sum(c.stats.dead_letters for c in state.cloud),
+                     "internal_errors": sum(c.stats.internal_errors for c in state.cloud),
+                     "delivery_retries": sum(c.stats.delivery_retries for c in state.cloud)},
+           "over_the_bus": {"started": state.cloud_started, "answered": state.cloud_answered,
+                            "fell_back": state.cloud_fell_back,
+                            "lost": state.cloud_started - state.cloud_answered - state.cloud_fell_back},
            "fleet": asdict(state.fleet.stats) if state.fleet else {}}
     doc = write_run(out, scenario_doc(scenario), state.records, state.shifts, run)
     return doc, out

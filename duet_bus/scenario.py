@@ -151,7 +151,7 @@ class _Reader:
         if doc is None:
             return {}
         if not isinstance(doc, dict):
-            self.fail(path, f"must be a mapping, got {_show(doc)}")
+            self.fail(path or "(top level)", f"must be a mapping, got {_show(doc)}")
             return {}
         for key in doc:
             if key not in keys:
@@ -243,9 +243,20 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{path}: no such scenario file")
     try:
         doc = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "; ".join(part for part in (exc.context, exc.problem) if part)
+        raise ConfigError(f"{where}: not valid YAML: {what}") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     return parse_scenario(doc, source=str(path))
+
+
+def _check_file(r: "_Reader", field: str, value: str | None) -> None:
+    """Files a scenario names must exist when it is validated, not only when it runs."""
+    if value is not None and not Path(value).exists():
+        r.fail(field, f"{value}: no such file (relative paths are taken from the directory you run duet in)")
 
 
 def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
@@ -262,6 +273,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
                                                "eval_negatives"))
     dataset = r.get(data, "data", "dataset", "str", "ml-100k", choices=DATASETS)
     data_path = r.get(data, "data", "path", "str", None)
+    _check_file(r, "data.path", data_path)
     if dataset == "ml-1m" and data_path is None:
         r.fail("data.path", "ml-1m is not bundled: give the path of its ratings.dat")
 
@@ -270,6 +282,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     for key, value in checkpoints.items():
         if not isinstance(value, str):
             r.fail(f"model.checkpoints.{key}", f"must be a file path, got {_show(value)}")
+        else:
+            _check_file(r, f"model.checkpoints.{key}", value)
     swa = r.section(model.get("swa"), "model.swa", ("generators", "tau"))
 
     methods = top.get("methods", ["base", "finetune", "duet_no_swa", "duet"])
@@ -383,6 +397,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     )
     if scenario["bus_kind"] == "memory" and scenario["bootstrap"]:
         r.fail("bus.bootstrap", "a memory bus has no bootstrap servers")
+    if sec:
+        _check_file(r, "bus.security.ssl_cafile", scenario["security"]["ssl_cafile"])
     if sec and not scenario["bootstrap"]:
         r.fail("bus.security", "only for a cluster named in bus.bootstrap (the embedded broker is plain)")
     duration = scenario["duration_s"]

@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from duet_bus.cli import main
+from duet_bus.errors import ConfigError
 from duet_bus.scenario import ScenarioError, load_scenario, parse_duration, parse_scenario
 
 SCENARIOS = sorted((Path(__file__).parents[2] / "scenarios").glob("*.yaml"))
@@ -79,7 +80,35 @@ def test_durations(text, seconds):
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.name for p in SCENARIOS])
 def test_shipped_scenarios_are_valid(path):
+    if path.name == "ml1m_shift.yaml":  # ML-1M is not shipped: its file must be given
+        with pytest.raises(ScenarioError) as info:
+            load_scenario(path)
+        assert info.value.problems == ["data.path: ml-1m/ratings.dat: no such file (relative paths are taken "
+                                       "from the directory you run duet in)"]
+        return
     load_scenario(path)
+
+
+def test_validate_checks_named_files_exist(tmp_path):
+    doc = {"name": "x", "duration": "1h", "data": {"path": str(tmp_path / "u.data")},
+           "model": {"checkpoints": {"duet": str(tmp_path / "missing.pt")}}}
+    with pytest.raises(ScenarioError) as info:
+        parse_scenario(doc)
+    assert [p.split(":")[0] for p in info.value.problems] == ["data.path", "model.checkpoints.duet"]
+    (tmp_path / "u.data").write_text("1\t1\t5\t1\n")
+    (tmp_path / "missing.pt").write_bytes(b"")
+    parse_scenario(doc)
+
+
+def test_yaml_errors_name_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nduration: 1h\ndevices:\n  count: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml:5:1: not valid YAML: .*expected ',' or ']'"):
+        load_scenario(bad)
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- name: x\n")
+    with pytest.raises(ScenarioError, match=r"\(top level\): must be a mapping, got list"):
+        load_scenario(listed)
 
 
 def test_duet_validate_reports_every_problem_and_exits_2(tmp_path, capsys):
