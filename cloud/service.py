@@ -62,6 +62,7 @@ class CloudConfig:
     # after delivery_timeout_s the worker stops trying and reads the batch again.
     retry_backoff_s: float = 0.5
     delivery_timeout_s: float = 60.0
+    commit_timeout_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
@@ -193,7 +194,8 @@ class GeneratorService:
             key = (record.topic, record.partition)
             offsets[key] = max(offsets.get(key, 0), record.offset + 1)
         try:
-            await self.consumer.commit(offsets)
+            # Bounded: aiokafka retries some commit errors forever (a broker that lost the topic).
+            await asyncio.wait_for(self.consumer.commit(offsets), self.config.commit_timeout_s)
         except Exception as exc:  # a rebalance or a lost broker: the records are served again
             self.stats.commit_failures += 1
             log.warning("commit of %d records failed (%s); they will be served again", len(records), exc)

@@ -84,8 +84,12 @@ def _check_free(port: int) -> None:
     if not 0 < port < 65536:
         raise BrokerError(f"port {port}: must be in 1..65535")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the broker binds: connections of a broker that just died (TIME_WAIT) do not hold the port,
+        # a socket listening on it does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
+            sock.listen()
         except OSError as exc:
             raise BrokerError(f"port {port} on 127.0.0.1 is already in use ({exc.strerror}); is another broker "
                               f"running there? Leave out --port for a free one") from exc

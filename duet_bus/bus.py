@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError, TopicAlreadyExistsError
 
 from duet_bus.errors import ConfigError, DuetError
+
+log = logging.getLogger("duet.bus")
 
 SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
@@ -169,6 +172,7 @@ class KafkaBus:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.security = security.aiokafka_kwargs() if security else {}
         self._producer: AIOKafkaProducer | None = None
+        self._topics: dict[str, int] = {}  # every topic ensured, to create again if the broker lost them
 
     async def start(self) -> None:
         producer = AIOKafkaProducer(
@@ -201,6 +205,7 @@ class KafkaBus:
 
     async def ensure_topics(self, topics: dict[str, int]) -> None:
         """Create the topics that do not exist yet (partition counts as given, replication 1)."""
+        self._topics.update(topics)
         admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, client_id=self.client_id, **self.security)
         async with self._reaching():
             await admin.start()
@@ -280,8 +285,35 @@ class _KafkaConsumer(Consumer):
 
     async def getmany(self, timeout_ms: int, max_records: int) -> list[Record]:
         batches = await self._consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
+        if not batches:
+            await self._restart_lost_partitions()
         return [Record(m.topic, m.partition, m.offset, m.key, m.value, m.timestamp)
                 for msgs in batches.values() for m in msgs]
+
+    async def _restart_lost_partitions(self) -> None:
+        """Read a partition again from its start when the broker's log ends before our position.
+
+        That happens when a broker lost its data and came back (the embedded
+        broker keeps its log in memory): its fetches then return nothing, with
+        no error, for ever; and it stores records for a topic only once the
+        topic is created again. Everything on the new log is new to us.
+        """
+        for tp in self._consumer.assignment():
+            end = self._consumer.highwater(tp)
+            try:
+                position = await self._consumer.position(tp)
+            except Exception:  # position unknown during a rebalance
+                continue
+            if end is not None and position > end:
+                log.warning("%s[%d]: the broker's log ends at %d, before our position %d (it lost its data?); "
+                            "creating the topics again and reading it from the start", tp.topic, tp.partition,
+                            end, position)
+                try:
+                    await self._bus.ensure_topics(self._bus._topics)
+                except Exception as exc:  # the next empty fetch tries again
+                    log.warning("could not create the topics again: %s", exc)
+                    return
+                await self._consumer.seek_to_beginning(tp)
 
     async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
         if offsets:

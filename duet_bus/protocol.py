@@ -214,7 +214,8 @@ def _kind(value: Any) -> str:
 def _show(value: Any) -> str:
     """A value in an error message: short, and never a whole payload."""
     if isinstance(value, (dict, list, bytes)):
-        return f"a {_kind(value)}"
+        kind = _kind(value)
+        return f"{'an' if kind[0] in 'aeiou' else 'a'} {kind}"
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 

@@ -15,6 +15,8 @@ installs duet-bus can write::
 
 `write_udata` / `write_uitem` write a tiny GroupLens-style dataset with a
 learnable structure, for tests that need data without the real MovieLens.
+`hostile_records` makes malformed session-start records of many kinds (for
+fuzzing a cloud worker: every one must end answered or dead-lettered).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from typing import Iterator
 
+import msgpack
 import numpy as np
 import pytest
 import pytest_asyncio
@@ -96,3 +100,74 @@ def write_uitem(path: Path, n_items: int = 40) -> Path:
         lines.append(f"{i}|Movie {i} (1995)|01-Jan-1995||http://x|" + "|".join(flags))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+# -- hostile input -----------------------------------------------------------------------------------
+
+# Values of every msgpack kind, including the ones that broke the worker once:
+# maps and lists where a str is expected (unhashable), huge and negative ints.
+_ODD_VALUES = [None, True, False, 0, -1, 2**63 - 1, -(2**63), 1.5, float("nan"), float("inf"), "", "x" * 300,
+               "duet.weights", "peer.replies", "bad topic/name", b"", b"\xff" * 8, [], [1, 2], {}, {"a": 1},
+               {1: 2}, [[[]]], "session_start", 2, 1.0]
+
+
+def valid_session_start(model_version: str, reply_topic: str, n_items: int, realtime_len: int,
+                        rng: np.random.Generator) -> dict:
+    """A well-formed session_start body (as a dict, before msgpack)."""
+    from duet_bus import protocol
+
+    items = rng.integers(1, n_items + 1, size=int(rng.integers(1, realtime_len + 1)), dtype=np.int64)
+    return {"v": protocol.SCHEMA_VERSION, "type": "session_start", "session_id": f"fuzz-{rng.integers(1 << 62)}",
+            "request_id": protocol.new_request_id(), "device_id": f"fuzz-device-{rng.integers(100)}",
+            "model_version": model_version, "realtime": {"dtype": "int64", "shape": [len(items)],
+                                                           "data": items.tobytes()},
+            "reply_topic": reply_topic, "reply_partition": 0, "sent_at": 1.0}
+
+
+def hostile_records(n: int, seed: int, model_version: str, reply_topic: str, n_items: int,
+                    realtime_len: int) -> Iterator[bytes | None]:
+    """``n`` records for a sessions topic, seeded: mostly broken, some valid.
+
+    Kinds: random bytes, truncated and bit-flipped valid messages, a field
+    removed or replaced by a value of another msgpack kind (top level and
+    inside the array map), lying array headers (shape vs bytes, 65
+    dimensions, ``[0, 2**63]``), reply topics and partitions the cloud must
+    refuse, tombstones (None), and intact valid requests.
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        body = valid_session_start(model_version, reply_topic, n_items, realtime_len, rng)
+        kind = int(rng.integers(10))
+        if kind == 0:
+            yield rng.bytes(int(rng.integers(0, 200)))
+            continue
+        if kind == 1:
+            data = bytearray(msgpack.packb(body))
+            for _ in range(int(rng.integers(1, 4))):
+                data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+            yield bytes(data)
+            continue
+        if kind == 2:
+            data = msgpack.packb(body)
+            yield data[: int(rng.integers(0, len(data)))]
+            continue
+        if kind == 3:
+            yield None
+            continue
+        if kind == 4:
+            del body[list(body)[int(rng.integers(len(body)))]]
+        elif kind == 5:
+            body[list(body)[int(rng.integers(len(body)))]] = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
+        elif kind == 6:
+            array = body["realtime"]
+            key = ["dtype", "shape", "data", "scale"][int(rng.integers(4))]
+            array[key] = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
+        elif kind == 7:
+            array = body["realtime"]
+            array["shape"] = [[1] * 65, [0, 2**63], [2**31, 2**31], [len(array["data"])], [-1]][int(rng.integers(5))]
+        elif kind == 8:
+            body["reply_topic"], body["reply_partition"] = [
+                ("peer.replies", 0), ("bad topic/name", 0), (reply_topic, 1 << 20), (reply_topic, -3),
+                ("x" * 250, 0)][int(rng.integers(5))]
+        # kind 9: valid as made
+        yield msgpack.packb(body, use_bin_type=True)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
+
+# aiokafka logs every failed connection while a test has its broker down; our own loggers say it once.
+logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
 
 from duet_bus.testing import write_udata, write_uitem
 
@@ -37,8 +41,8 @@ def tiny_shared(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def duet_checkpoint(tiny_shared, tmp_path_factory):
-    """A small trained DUET (N_p = 3), saved and loaded back through the checkpoint file."""
+def duet_checkpoint_file(tiny_shared, tmp_path_factory) -> Path:
+    """A small trained DUET (N_p = 3) saved to a checkpoint file."""
     from duet_bus import checkpoint
     from duet_bus.models import ModelConfig, PPGConfig
     from duet_bus.train import TrainConfig, train_model
@@ -47,4 +51,12 @@ def duet_checkpoint(tiny_shared, tmp_path_factory):
                          TrainConfig(epochs=2, batch_size=64), seed=0)
     path = tmp_path_factory.mktemp("ckpt") / "duet.pt"
     checkpoint.save(path, result.model, tiny_shared)
-    return checkpoint.load(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def duet_checkpoint(duet_checkpoint_file):
+    """`duet_checkpoint_file` loaded back through the checkpoint file."""
+    from duet_bus import checkpoint
+
+    return checkpoint.load(duet_checkpoint_file)

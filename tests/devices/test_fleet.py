@@ -40,6 +40,7 @@ async def test_duplicate_and_foreign_replies_are_dropped(duet_checkpoint, tiny_s
         request = protocol.decode(records[0].value)
         request.device_id = "someone-else"
         request.session_id = "other-session"
+        request.request_id = protocol.new_request_id()  # a request this fleet never sent
         await bus.send(topics.sessions, protocol.encode(request))
         await service.handle(await service.consumer.getmany(50, 10))
 
@@ -49,7 +50,8 @@ async def test_duplicate_and_foreign_replies_are_dropped(duet_checkpoint, tiny_s
     await asyncio.sleep(0.3)
     await fleet.stop()
     assert not report.fallback
-    assert fleet.stats.dropped_duplicates == 2  # the redelivered reply and the reply to another session
+    assert fleet.stats.dropped_duplicates == 1  # the redelivered reply
+    assert fleet.stats.dropped_foreign == 1  # the reply to a request this fleet never sent
 
 
 async def test_device_finetune_matches_the_offline_baseline(tiny_shared, tmp_path):

@@ -1,6 +1,8 @@
 import msgpack
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from duet_bus import protocol, tensors
 from duet_bus.protocol import ModelSpec, ProtocolError, SessionReport, SessionStart, WeightsReady
@@ -78,3 +80,87 @@ def test_tensor_codec_rejects_lies():
         tensors.decode({**enc, "shape": [3, 3]}, 100)
     with pytest.raises(tensors.TensorError, match="dtype"):
         tensors.decode({**enc, "dtype": "object"}, 100)
+
+
+def test_strict_where_the_doc_is_strict():
+    good = msgpack.unpackb(protocol.encode(start()))
+    for version in (2.0, True, "2"):
+        with pytest.raises(ProtocolError, match=r"v: schema version .* \(expected the integer 2\)"):
+            protocol.decode(msgpack.packb({**good, "v": version}))
+    # A number field takes an int: many msgpack encoders write 2.0 as 2 (the doc says "number").
+    assert protocol.decode(msgpack.packb({**good, "sent_at": 2})).sent_at == 2.0
+    with pytest.raises(ProtocolError, match="message: map keys must be strings, got a key of type int"):
+        protocol.decode(msgpack.packb({**good, 7: 1}, strict_types=False))
+    with pytest.raises(ProtocolError, match="message: a msgpack str holds bytes that are not UTF-8"):
+        protocol.decode(msgpack.packb({**good, "session_id": b"\xff\xfe"}, use_bin_type=False))
+    with pytest.raises(ProtocolError, match="message: 3 bytes follow the msgpack map"):
+        protocol.decode(msgpack.packb(good) + b"abc")
+    with pytest.raises(ProtocolError, match="message: no value \\(a tombstone\\)"):
+        protocol.decode(None)
+    with pytest.raises(ProtocolError, match="reply_topic: 'a b' is not a legal Kafka topic name"):
+        protocol.decode(msgpack.packb({**good, "reply_topic": "a b"}))
+
+
+@pytest.mark.parametrize("field, value, reason", [
+    ("type", ["session_start"], "type: unknown event type an array"),
+    ("type", {"a": 1}, "type: unknown event type a map"),
+    ("realtime", {"dtype": ["int64"], "shape": [1], "data": b"\0" * 8}, "realtime: dtype of type list not allowed"),
+    ("realtime", {"dtype": "int64", "shape": [1] * 65, "data": b"\0" * 8}, "realtime: 65 dimensions exceed"),
+    ("realtime", {"dtype": "int64", "shape": [0, 2**63], "data": b""}, "realtime: shape .* exceeds the limit"),
+    ("reply_partition", 2**63, "reply_partition: must be in 0..2147483647"),
+])
+def test_records_that_once_crashed_the_worker_are_named(field, value, reason):
+    good = msgpack.unpackb(protocol.encode(start()))
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(msgpack.packb({**good, field: value}, use_bin_type=True))
+
+
+_msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=20)
+    | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10) | st.integers(-(2**63), 2**64 - 1), inner,
+                                                                max_size=5),
+    max_leaves=20,
+)
+_fields = st.sampled_from(["v", "type", "session_id", "request_id", "device_id", "model_version", "realtime",
+                           "reply_topic", "reply_partition", "sent_at", "layers", "scores", "labels"])
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.binary(max_size=300) | _msgpack_values.map(lambda v: msgpack.packb(v, use_bin_type=True)))
+def test_fuzz_any_bytes_decode_or_raise_a_protocol_error(data):
+    try:
+        protocol.decode(data)
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(field=_fields, value=_msgpack_values, kind=st.sampled_from(["session_start", "weights_ready",
+                                                                    "session_report", "dead_letter", "model_info"]))
+def test_fuzz_one_field_of_a_valid_event_replaced(field, value, kind):
+    good = msgpack.unpackb(protocol.encode(start()))
+    try:
+        protocol.decode(msgpack.packb({**good, "type": kind, field: value}, use_bin_type=True))
+    except ProtocolError as exc:
+        assert exc.field  # always names what was wrong
+
+
+def test_hostile_records_never_escape_the_decoder():
+    from duet_bus.testing import hostile_records
+
+    outcomes = {"ok": 0, "refused": 0}
+    for record in hostile_records(3000, seed=1, model_version="m1", reply_topic="duet.weights", n_items=50,
+                                  realtime_len=10):
+        try:
+            protocol.decode(record)
+            outcomes["ok"] += 1
+        except ProtocolError:
+            outcomes["refused"] += 1
+    assert outcomes["ok"] > 100 and outcomes["refused"] > 2000
+
+
+def test_model_info_round_trips():
+    info = protocol.ModelInfo("m1", "duet", "gru4rec", 1682, 10, [[32, 32], [32, 32]], "float16", "duet.sessions",
+                              ["duet.weights"], 1.0)
+    assert protocol.decode(protocol.encode(info)) == info
