@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: venv test test-slow demo bench bench-bus bench-runner clean
+.PHONY: venv test test-slow demo bench bench-bus bench-runner bench-faults clean
 
 venv: $(STAMP)
 
@@ -36,6 +36,9 @@ bench-bus: venv
 
 bench-runner: venv
 	$(PY) bench/bench_runner.py
+
+bench-faults: venv
+	$(PY) bench/bench_faults.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

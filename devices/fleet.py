@@ -13,8 +13,10 @@ deadline), a reply to a request we never sent (stale or foreign), and a reply
 that fails validation.
 
 Nothing on the bus can hang a device: sending the request and waiting for
-the reply share one deadline, after which the device falls back; publishing
-a report is bounded by the same deadline and never fails the session.
+the reply share one deadline, after which the device falls back. Reports are
+published by a background task from a bounded queue, so a slow or absent
+broker never holds a session up; what cannot be published (the queue full,
+or still unsent when the fleet stops) is counted, never silently lost.
 Session ids on the wire carry the fleet's run id, so they are unique per run.
 """
 
@@ -47,6 +49,7 @@ class FleetConfig:
     topics: Topics = field(default_factory=Topics)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     publish_reports: bool = True
+    report_queue: int = 10_000  # reports waiting to be published at most; beyond, counted as unpublished
     run_id: str = ""  # tags this run's session ids on the wire; empty: a random one per fleet
 
     def __post_init__(self) -> None:
@@ -83,6 +86,8 @@ class Fleet:
         self._sent: OrderedDict[str, None] = OrderedDict()
         self._consumer = None
         self._task: asyncio.Task | None = None
+        self._reports: asyncio.Queue = asyncio.Queue(self.config.report_queue)
+        self._publisher: asyncio.Task | None = None
         self._stopping = False
         # Every simulated device stands for a phone of its own: their compute
         # runs one at a time, so each measured time is one device's, not
@@ -94,8 +99,22 @@ class Fleet:
         self._consumer = self.bus.partition_consumer(self.config.topics.weights, self.config.reply_partition)
         await self._consumer.start()
         self._task = asyncio.create_task(self._dispatch(), name=f"{self.config.fleet_id}-dispatch")
+        self._publisher = asyncio.create_task(self._publish(), name=f"{self.config.fleet_id}-reports")
 
-    async def stop(self) -> None:
+    async def stop(self, flush_s: float = 5.0) -> None:
+        """Stop taking replies; publish the reports still queued for at most ``flush_s``."""
+        if self._publisher is not None:
+            try:
+                await asyncio.wait_for(self._reports.join(), flush_s)
+            except asyncio.TimeoutError:
+                pass
+            self._publisher.cancel()
+            try:
+                await self._publisher
+            except asyncio.CancelledError:
+                pass
+            self._publisher = None
+            self.stats.reports_unpublished += self._reports.qsize()
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -208,9 +227,25 @@ class Fleet:
         self.stats.sessions += 1
         if self.config.publish_reports:
             try:
-                await asyncio.wait_for(self.bus.send(self.config.topics.reports, protocol.encode(report),
-                                                     key=agent.device_id.encode()), self.config.deadline_s)
-            except Exception as exc:
+                self._reports.put_nowait((protocol.encode(report), agent.device_id.encode()))
+            except asyncio.QueueFull:
                 self.stats.reports_unpublished += 1
-                log.warning("report of session %s not published (%s)", report.session_id, type(exc).__name__)
         return report
+
+    async def _publish(self) -> None:
+        """Send what is queued, together; a report the bus does not take in time is counted and dropped."""
+        while True:
+            batch = [await self._reports.get()]
+            while not self._reports.empty() and len(batch) < 1000:
+                batch.append(self._reports.get_nowait())
+            try:
+                results = await asyncio.wait_for(self.bus.send_many(
+                    [(self.config.topics.reports, value, key, None) for value, key in batch]), self.config.deadline_s)
+                failed = sum(r is not None for r in results)
+            except Exception:
+                failed = len(batch)
+            if failed:
+                self.stats.reports_unpublished += failed
+                log.warning("%d session reports not published (is the broker down?)", failed)
+            for _ in batch:
+                self._reports.task_done()
