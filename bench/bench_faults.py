@@ -331,6 +331,8 @@ def main(parts: list[str]) -> None:
         table.add_row(r["fault"], f"{r['started']:,}", f"{r['answered']:,}", f"{r['fell_back']:,}",
                       f"{r['lost']:,}", f"{r.get('dead_lettered', 0):,}", r["notes"])
     console.print(table)
+    if not load_rows:
+        return
     table = Table(title="Load: 1,000 devices, one cloud worker, offered load doubling every 8 s (request to weights)")
     for col in ("offered sessions/s", "answered sessions/s", "round trip p50 ms", "p99 ms", "fallbacks"):
         table.add_column(col, justify="right")
@@ -338,8 +340,6 @@ def main(parts: list[str]) -> None:
         table.add_row(f"{r['offered']:,}", f"{r['achieved']:,.0f}", f"{r['p50']:.1f}", f"{r['p99']:.1f}",
                       f"{r['fallbacks']:,} of {r['sessions']:,}")
     console.print(table)
-    if not load_rows:
-        return
     first = next((r["offered"] for r in load_rows if r["fallbacks"]), None)
     console.print(f"fallbacks start at {first:,} sessions/s offered" if first else
                   f"no fallbacks up to {load_rows[-1]['offered']:,} sessions/s offered (60 s budget)")

@@ -96,7 +96,7 @@ def _check_free(port: int) -> None:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A ``preexec_fn`` that makes the child get SIGTERM when this thread dies (Linux), else None.
+    """A ``preexec_fn`` that makes the child get SIGKILL when this thread dies (Linux), else None.
 
     The kernel ties the signal to the thread that forks, so only the main
     thread (which lives as long as the process) asks for it.
@@ -111,7 +111,7 @@ def _die_with_parent() -> Callable[[], None] | None:
     parent = os.getpid()
 
     def preexec() -> None:
-        prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG; memory-only, so nothing to flush
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 

@@ -1,0 +1,68 @@
+"""A client that is not ours (kafka-python), written from docs/protocol.md alone, against a live cloud."""
+
+import asyncio
+import secrets
+import time
+
+import msgpack
+import numpy as np
+
+from cloud import CloudConfig, GeneratorService
+
+
+
+def _outside_client(bootstrap: str, topics, items: list[int], partition: int) -> tuple[dict, dict, list]:
+    """What docs/protocol.md tells a stranger to do; runs in a thread (kafka-python blocks)."""
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+
+    models = KafkaConsumer(bootstrap_servers=bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=10_000)
+    models.assign([TopicPartition(topics.models, 0)])
+    models.seek_to_beginning()
+    info = msgpack.unpackb(next(iter(models)).value)
+    models.close()
+
+    replies = KafkaConsumer(bootstrap_servers=bootstrap, consumer_timeout_ms=15_000)
+    replies.assign([TopicPartition(topics.weights, partition)])
+    replies.seek_to_end()
+    producer = KafkaProducer(bootstrap_servers=bootstrap)
+    request_id = secrets.token_hex(16)
+    realtime = np.array(items, "<i8")
+    producer.send(topics.sessions, key=b"outside-device", value=msgpack.packb({
+        "v": 2, "type": "session_start", "session_id": "outside-1", "request_id": request_id,
+        "device_id": "outside-device", "model_version": info["model_version"],
+        "realtime": {"dtype": "int64", "shape": [len(realtime)], "data": realtime.tobytes()},
+        "reply_topic": topics.weights, "reply_partition": partition, "sent_at": int(time.time())}))
+    producer.flush(10)
+    producer.close()
+    reply, others = None, []
+    for record in replies:  # ends after consumer_timeout_ms without records
+        body = msgpack.unpackb(record.value)
+        if body.get("request_id") == request_id:
+            reply = body
+            break
+        others.append(body)
+    replies.close()
+    return info, reply, others
+
+
+async def test_a_kafka_python_client_learns_the_model_and_gets_its_weights(kafka_bus, kafka_topics,
+                                                                          duet_checkpoint, kafka_bootstrap):
+    service = GeneratorService(kafka_bus, [duet_checkpoint], CloudConfig(topics=kafka_topics))
+    await service.start()
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    try:
+        info, reply, _ = await asyncio.wait_for(asyncio.to_thread(
+            _outside_client, kafka_bootstrap, kafka_topics, [3, 1, 4, 1, 5], 2), 60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        await service.stop()
+    spec = duet_checkpoint.spec
+    assert info["model_version"] == spec.model_version and info["n_items"] == spec.n_items
+    assert reply is not None, "no reply carried the client's request_id"
+    assert reply["v"] == 2 and reply["session_id"] == "outside-1"
+    shapes = [tuple(layer["w"]["shape"]) for layer in reply["layers"]]
+    assert shapes == [tuple(s) for s in info["layer_shapes"]] == list(spec.layer_shapes)
+    w = np.frombuffer(reply["layers"][0]["w"]["data"], "<f4").reshape(shapes[0])
+    assert np.isfinite(w).all()
