@@ -198,7 +198,8 @@ class GeneratorService:
             await asyncio.wait_for(self.consumer.commit(offsets), self.config.commit_timeout_s)
         except Exception as exc:  # a rebalance or a lost broker: the records are served again
             self.stats.commit_failures += 1
-            log.warning("commit of %d records failed (%s); they will be served again", len(records), exc)
+            log.warning("commit of %d records failed (%s: %s); they will be served again", len(records),
+                        type(exc).__name__, exc)
 
     async def _accept(self, record: Record) -> SessionStart:
         """Decode and check one request; raise `ProtocolError` naming what is wrong."""
@@ -229,7 +230,7 @@ class GeneratorService:
         self._partitions_checked = time.monotonic()
         for topic in self.config.allowed_reply_topics:
             try:
-                self._partitions[topic] = await self.bus.partition_count(topic)
+                self._partitions[topic] = await asyncio.wait_for(self.bus.partition_count(topic), 5)
             except Exception as exc:  # keep what we knew; the broker may be restarting
                 log.warning("could not read the partitions of %s: %s", topic, exc)
 
