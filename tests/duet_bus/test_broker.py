@@ -1,6 +1,9 @@
+import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from duet_bus.broker import EmbeddedBroker, _answers
 
@@ -13,13 +16,15 @@ def test_broker_starts_answers_and_stops():
     assert process.poll() is not None  # stopped with the context
 
 
-def test_sigterm_to_duet_broker_stops_the_broker_process():
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_the_broker_dies_with_duet_broker(sig):
+    """SIGTERM stops it cleanly; even SIGKILL, which gives `duet broker` no chance, takes the broker with it."""
     proc = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "broker"], stdout=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
         port = int(line.split("127.0.0.1:")[1].split(";")[0].split()[0])
         assert _answers(port)
-        proc.terminate()
+        proc.send_signal(sig)
         proc.wait(timeout=15)
         deadline = time.monotonic() + 10
         while _answers(port) and time.monotonic() < deadline:
@@ -30,8 +35,6 @@ def test_sigterm_to_duet_broker_stops_the_broker_process():
 
 
 def test_security_settings_map_to_aiokafka_and_reject_contradictions():
-    import pytest
-
     from duet_bus.bus import KafkaBus, Security
     from duet_bus.errors import ConfigError
 
