@@ -108,20 +108,12 @@ class Fleet:
                 await asyncio.wait_for(self._reports.join(), flush_s)
             except asyncio.TimeoutError:
                 pass
-            self._publisher.cancel()
-            try:
-                await self._publisher
-            except asyncio.CancelledError:
-                pass
+            await _cancel(self._publisher)
             self._publisher = None
             self.stats.reports_unpublished += self._reports.qsize()
         self._stopping = True
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await _cancel(self._task)
             self._task = None
         if self._consumer is not None:
             await self._consumer.stop()
@@ -249,3 +241,11 @@ class Fleet:
                 log.warning("%d session reports not published (is the broker down?)", failed)
             for _ in batch:
                 self._reports.task_done()
+
+
+async def _cancel(task: asyncio.Task) -> None:
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass

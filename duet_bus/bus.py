@@ -220,6 +220,10 @@ class KafkaBus:
         finally:
             await admin.close()
 
+    async def recreate_topics(self) -> None:
+        """Ensure again every topic this bus ensured (after a broker that lost its data came back)."""
+        await self.ensure_topics(dict(self._topics))
+
     async def partition_count(self, topic: str) -> int:
         return len(await self._producer.partitions_for(topic))
 
@@ -309,7 +313,7 @@ class _KafkaConsumer(Consumer):
                             "creating the topics again and reading it from the start", tp.topic, tp.partition,
                             end, position)
                 try:
-                    await self._bus.ensure_topics(self._bus._topics)
+                    await self._bus.recreate_topics()
                 except Exception as exc:  # the next empty fetch tries again
                     log.warning("could not create the topics again: %s", exc)
                     return
