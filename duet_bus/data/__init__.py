@@ -5,6 +5,8 @@
 - `prep`: re-index, per-user timelines, train/validation/test splits and
   negative sampling.
 - `sessions`: cut a user's timeline into sessions.
+- `images`: idx files (Fashion-MNIST) and devices made from them (label-skew
+  partition, per-device camera), for the vision task.
 """
 
 from duet_bus.data.movielens import Interactions, load_dataset

@@ -1,0 +1,161 @@
+"""Images for the vision task: idx files (Fashion-MNIST) and devices made from them.
+
+Fashion-MNIST has no person id, so devices are made as federated-learning
+benchmarks make them: a seeded Dirichlet label-skew partition (concentration
+``alpha``; small alpha, few classes per device) and, optionally, a fixed
+per-device "camera" (brightness, contrast, small rotation) so devices also
+differ in how their images look.
+
+The four standard idx files (``train-images-idx3-ubyte[.gz]`` and so on) are
+read from a folder: ``$DUET_FASHION_MNIST``, or Debian's package
+``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), or any
+folder given. ``make fashion-mnist`` extracts the Debian package into the
+project's cache where it is not installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from duet_bus.errors import DataError
+
+FASHION_MNIST_ENV = "DUET_FASHION_MNIST"
+DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+              0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """One idx file (gzip or not) as an array; `DataError` naming the file if it is not one."""
+    try:
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{path}: cannot read it ({exc})") from exc
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in _IDX_TYPES or raw[3] == 0:
+        raise DataError(f"{path}: not an idx file (bad magic number {raw[:4].hex() or 'empty'})")
+    ndim, dtype = raw[3], np.dtype(_IDX_TYPES[raw[2]])
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path}: idx header cut short ({len(raw)} bytes for {ndim} dimensions)")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape)) * dtype.itemsize
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, but the header's shape {shape} needs {expected}")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images ``(N, H, W)`` uint8 and labels ``(N,)`` int64, for the train and test parts."""
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    classes: tuple[str, ...]
+
+
+def fashion_mnist_folder(path: str | Path | None = None) -> Path:
+    """Where the idx files are: the path given, ``$DUET_FASHION_MNIST``, or Debian's folder."""
+    folder = Path(path or os.environ.get(FASHION_MNIST_ENV) or DEBIAN_FOLDER)
+    if folder.is_file():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no Fashion-MNIST folder; install Debian's dataset-fashion-mnist (or run "
+                        f"`make fashion-mnist`), or give --data-path / ${FASHION_MNIST_ENV} pointing at the four "
+                        f"idx files")
+    return folder
+
+
+def load_fashion_mnist(path: str | Path | None = None) -> ImageSet:
+    folder = fashion_mnist_folder(path)
+
+    def part(stem: str) -> np.ndarray:
+        for name in (f"{stem}.gz", stem):
+            if (folder / name).is_file():
+                return read_idx(folder / name)
+        raise DataError(f"{folder}: {stem}[.gz] is missing")
+
+    out = []
+    for split in ("train", "t10k"):
+        images, labels = part(f"{split}-images-idx3-ubyte"), part(f"{split}-labels-idx1-ubyte")
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise DataError(f"{folder}: {split} images {images.shape} and labels {labels.shape} do not match")
+        if labels.size and not 0 <= labels.min() <= labels.max() < len(FASHION_MNIST_CLASSES):
+            raise DataError(f"{folder}: {split} labels outside 0..{len(FASHION_MNIST_CLASSES) - 1}")
+        out += [images.astype(np.uint8), labels.astype(np.int64)]
+    return ImageSet(*out, classes=FASHION_MNIST_CLASSES)
+
+
+def dirichlet_partition(labels: np.ndarray, n_devices: int, alpha: float,
+                        rng: np.random.Generator) -> list[np.ndarray]:
+    """Split sample indices over devices, each class by ``Dirichlet(alpha)`` shares.
+
+    Every sample goes to exactly one device; each device's indices are sorted.
+    Small ``alpha`` gives each device few classes (0.3 is the usual label skew).
+    """
+    if n_devices < 1:
+        raise DataError(f"devices: must be a positive count, got {n_devices}")
+    if not alpha > 0:
+        raise DataError(f"alpha: must be positive, got {alpha}")
+    parts: list[list[np.ndarray]] = [[] for _ in range(n_devices)]
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        shares = rng.dirichlet(np.full(n_devices, alpha))
+        cuts = (np.cumsum(shares)[:-1] * len(members)).astype(int)
+        for device, chunk in enumerate(np.split(members, cuts)):
+            parts[device].append(chunk)
+    return [np.sort(np.concatenate(p)) for p in parts]
+
+
+@dataclass(frozen=True)
+class Camera:
+    """A device's fixed way of seeing: brightness offset, contrast factor, rotation (degrees)."""
+
+    brightness: float = 0.0
+    contrast: float = 1.0
+    rotation: float = 0.0
+
+    @staticmethod
+    def random(rng: np.random.Generator, strength: float = 1.0) -> "Camera":
+        """A seeded camera; ``strength`` 0 is the identity, 1 the default spread."""
+        return Camera(brightness=float(rng.uniform(-0.15, 0.15) * strength),
+                      contrast=float(1 + rng.uniform(-0.3, 0.3) * strength),
+                      rotation=float(rng.uniform(-10, 10) * strength))
+
+    def apply(self, images: np.ndarray) -> np.ndarray:
+        """``(N, H, W)`` uint8 -> float32 in [0, 1], as this camera sees them."""
+        x = images.astype(np.float32) / 255.0
+        if self.rotation:
+            x = rotate(x, self.rotation)
+        mean = x.mean(axis=(1, 2), keepdims=True)
+        return np.clip((x - mean) * self.contrast + mean + self.brightness, 0.0, 1.0)
+
+
+def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
+    """Rotate ``(N, H, W)`` float images about their centre (bilinear, zero outside)."""
+    n, h, w = images.shape
+    theta = np.deg2rad(degrees)
+    ys, xs = np.mgrid[0:h, 0:w].astype(np.float32)
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    # Where each output pixel comes from: the inverse rotation.
+    sy = np.cos(theta) * (ys - cy) - np.sin(theta) * (xs - cx) + cy
+    sx = np.sin(theta) * (ys - cy) + np.cos(theta) * (xs - cx) + cx
+    y0, x0 = np.floor(sy).astype(int), np.floor(sx).astype(int)
+    fy, fx = sy - y0, sx - x0
+    out = np.zeros_like(images)
+    for dy, dx, weight in ((0, 0, (1 - fy) * (1 - fx)), (0, 1, (1 - fy) * fx), (1, 0, fy * (1 - fx)),
+                           (1, 1, fy * fx)):
+        yy, xx = y0 + dy, x0 + dx
+        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        out[:, inside] += images[:, yy[inside], xx[inside]] * weight[inside]
+    return out
