@@ -109,3 +109,32 @@ def test_the_real_fashion_mnist_when_installed():
         pytest.skip(f"Fashion-MNIST is not installed here ({exc}); `make fashion-mnist` extracts it")
     assert data.train_images.shape == (60000, 28, 28) and data.test_images.shape == (10000, 28, 28)
     assert np.bincount(data.train_labels).tolist() == [6000] * 10
+
+
+@pytest.mark.parametrize("n_generators", [None, 1, 3])
+def test_vision_model_generates_a_head_per_session(n_generators):
+    from duet_bus.models import PPGConfig
+    from duet_bus.models.vision import VisionConfig, VisionModel
+
+    torch.manual_seed(0)
+    ppg = None if n_generators is None else PPGConfig(n_generators=n_generators)
+    model = VisionModel(VisionConfig(MobileNetConfig("mobilenetv3_small", width=0.5), n_classes=10, ppg=ppg)).eval()
+    realtime = torch.rand(5, 2, 1, 28, 28)
+    lengths = torch.tensor([1, 2, 2, 1, 2])
+    images = torch.rand(5, 3, 1, 28, 28)
+    with torch.no_grad():
+        weights = model.weights_for(realtime, lengths)
+        logits = model.score(images, weights)
+        assert logits.shape == (5, 3, 10)
+        if n_generators is None:
+            assert weights[0][0].shape == model.dynamic_shapes[0]
+            return
+        assert [tuple(w.shape) for w, _ in weights] == [(5, *s) for s in model.dynamic_shapes]
+        chunked = model.weights_for(realtime, lengths, chunk=2)
+        for (w, b), (cw, cb) in zip(weights, chunked):
+            torch.testing.assert_close(w, cw)
+            torch.testing.assert_close(b, cb)
+        # Padding beyond a session's real-time length does not change its head.
+        padded = realtime.clone()
+        padded[0, 1] = 1.0
+        torch.testing.assert_close(model.weights_for(padded, lengths)[0][0][0], weights[0][0][0])
