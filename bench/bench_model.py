@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from duet_bus.data import load_dataset, prepare
-from duet_bus.evaluate import finetune_scores
+from duet_bus.tasks.recommendation import finetune_scores
 from duet_bus.finetune import FinetuneConfig
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
 from duet_bus.train import tensors, weighted_bce

@@ -41,6 +41,8 @@ from duet_bus.protocol import DeadLetter, ProtocolError, SessionStart, WeightsRe
 
 log = logging.getLogger("duet.cloud")
 
+WEIGHT_ENCODINGS = ("float32", "float16", "int8", "factored")
+
 Message = tuple[str, bytes, bytes | None, int | None]  # topic, value, key, partition
 
 
@@ -54,7 +56,9 @@ class CloudConfig:
     # Measured (make bench-bus, --max-wait-ms 0/2/5): session p50 at 1 in
     # flight 1.47x / 1.68x / 2.28x the raw echo, same sessions/s.
     max_wait_ms: float = 0.0
-    weight_encoding: str = "float32"  # float32, float16 or int8 on the wire
+    # float32, float16 or int8: the full (W, b) per layer; factored: the generator's per-session
+    # factor H and the bias (float32), the device holds the shared W2, b2 (see `models.dynamic.Factored`).
+    weight_encoding: str = "float32"
     topics: Topics = field(default_factory=Topics)
     # The only topics a request may name as its reply topic; empty: the weights topic.
     reply_topics: tuple[str, ...] = ()
@@ -69,8 +73,9 @@ class CloudConfig:
             raise ConfigError(f"cloud.max_batch: must be a positive integer, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"cloud.max_wait_ms: must be non-negative, got {self.max_wait_ms}")
-        if self.weight_encoding not in ("float32", "float16", "int8"):
-            raise ConfigError(f"cloud.weight_encoding: must be float32, float16 or int8, got {self.weight_encoding!r}")
+        if self.weight_encoding not in WEIGHT_ENCODINGS:
+            raise ConfigError(f"cloud.weight_encoding: must be one of {', '.join(WEIGHT_ENCODINGS)}, got "
+                              f"{self.weight_encoding!r}")
 
     @property
     def allowed_reply_topics(self) -> tuple[str, ...]:
@@ -120,10 +125,11 @@ class GeneratorService:
         spec = checkpoint.spec
         return protocol.ModelInfo(
             model_version=spec.model_version, method=checkpoint.model.config.method,
-            backbone=checkpoint.model.config.backbone, n_items=spec.n_items, realtime_len=spec.realtime_len,
+            backbone=checkpoint.model.config.name, n_items=spec.n_items, realtime_len=spec.realtime_len,
             layer_shapes=[list(s) for s in spec.layer_shapes], weight_encoding=self.config.weight_encoding,
             sessions_topic=self.config.topics.sessions, reply_topics=list(self.config.allowed_reply_topics),
-            at=time.time(),
+            at=time.time(), task=checkpoint.task,
+            realtime_kinds={kind: list(shape) for kind, shape in spec.realtime_kinds},
         )
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -165,7 +171,7 @@ class GeneratorService:
         the partitions next serves it again).
         """
         received_at = time.time() if received_at is None else received_at
-        by_model: dict[str, list[tuple[Record, SessionStart]]] = {}
+        by_model: dict[tuple[str, str], list[tuple[Record, SessionStart]]] = {}
         letters: list[Message] = []
         for record in records:
             try:
@@ -175,9 +181,9 @@ class GeneratorService:
             except Exception as exc:
                 letters.append(self._internal_error(record, exc))
             else:
-                by_model.setdefault(event.model_version, []).append((record, event))
+                by_model.setdefault((event.model_version, event.realtime_kind), []).append((record, event))
         replies: list[tuple[Record, Message]] = []
-        for version, items in by_model.items():
+        for (version, _), items in by_model.items():
             generated, failed = await self._generate_guarded(self.models[version], items, received_at)
             replies += generated
             letters += failed
@@ -282,35 +288,34 @@ class GeneratorService:
             pending = retry
         return True
 
-    @staticmethod
-    def _forward(checkpoint: Checkpoint, realtime: np.ndarray, lengths: np.ndarray):
+    def _forward(self, checkpoint: Checkpoint, samples: list[np.ndarray]):
+        """One batched generator forward; each layer's ``(W or H, b)`` as arrays with a leading batch axis."""
         start = time.perf_counter()
+        factored = self.config.weight_encoding == "factored"
         with torch.inference_mode():
-            weights = checkpoint.model.weights_for(torch.from_numpy(realtime), torch.from_numpy(lengths))
-            layers = [(w.numpy(), b.numpy()) for w, b in weights]
+            realtime, lengths = checkpoint.model.realtime_batch(samples)
+            weights = checkpoint.model.weights_for(realtime, lengths, factored=factored)
+            layers = [(layer.h.numpy(), layer.b.numpy()) if factored else (layer[0].numpy(), layer[1].numpy())
+                      for layer in weights]
         return layers, (time.perf_counter() - start) * 1000
 
     async def _generate(self, checkpoint: Checkpoint, items: list[tuple[Record, SessionStart]],
                         received_at: float) -> list[tuple[Record, Message]]:
-        length = checkpoint.prep.history_len
-        realtime = np.zeros((len(items), length), np.int64)
-        lengths = np.empty(len(items), np.int64)
-        for i, (_, event) in enumerate(items):
-            recent = event.realtime[-length:]
-            realtime[i, : len(recent)] = recent
-            lengths[i] = len(recent)
         # In a thread (torch releases the GIL): the consumer keeps fetching the
         # next batch while this one is generated.
-        layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, realtime, lengths)
+        layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, [e.realtime for _, e in items])
         method = checkpoint.model.config.method
+        factored = self.config.weight_encoding == "factored"
+        encoding = None if factored else self.config.weight_encoding
         replies = []
         for i, (record, event) in enumerate(items):
             reply = WeightsReady(
                 session_id=event.session_id, request_id=event.request_id, device_id=event.device_id,
                 model_version=event.model_version, method=method, layers=[(w[i], b[i]) for w, b in layers],
                 received_at=received_at, sent_at=time.time(), generation_ms=generation_ms, batch_size=len(items),
+                form="factored" if factored else "full",
             )
-            replies.append((record, (event.reply_topic, protocol.encode(reply, self.config.weight_encoding),
+            replies.append((record, (event.reply_topic, protocol.encode(reply, encoding),
                                      event.device_id.encode(), event.reply_partition)))
         self.stats.batches += 1
         self.stats.served += len(items)

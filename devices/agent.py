@@ -21,10 +21,8 @@ import torch
 
 from duet_bus.checkpoint import Checkpoint
 from duet_bus.data.streams import DeviceSession
-from duet_bus.finetune import finetune_classifier
 from duet_bus.models.dynamic import LayerWeights
 from duet_bus.protocol import ProtocolError, SessionReport
-from duet_bus.train import tensors
 
 if TYPE_CHECKING:
     from devices.fleet import Fleet
@@ -52,7 +50,9 @@ class DeviceAgent:
                 fallback = True
                 self.weights = self.checkpoint.global_layers
             else:
-                self.weights = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
+                layers = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
+                # A factored reply is combined with the generator's shared factors this device holds.
+                self.weights = self.checkpoint.model.head.unfactor(layers) if reply.form == "factored" else layers
         # In a thread: torch releases the GIL, and the fleet's event loop stays
         # free to take other devices' replies the moment they arrive. One
         # device computes at a time (see `Fleet.compute_lock`).
@@ -60,20 +60,18 @@ class DeviceAgent:
             scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
         return SessionReport(
             session_id=self.fleet.session_id(session), device_id=self.device_id, method=self.method,
-            model_version=self.checkpoint.model_version, scores=scores.astype(np.float32).ravel(),
-            labels=session.samples.labels.astype(np.float32).ravel(), fallback=fallback,
+            model_version=self.checkpoint.model_version, scores=scores.astype(np.float32),
+            labels=np.asarray(session.samples.labels, np.float32).ravel(), fallback=fallback,
             delay_ms=delay, payload_bytes=payload,
         )
 
     def _score(self, session: DeviceSession) -> tuple[np.ndarray, float]:
-        x = tensors(session.samples)
         start = time.perf_counter()
         with torch.inference_mode():
-            scores = self.checkpoint.model.score(x["history"], x["history_len"], x["targets"], self.weights)
-        return scores.numpy(), (time.perf_counter() - start) * 1000
+            scores = self.checkpoint.model.score_samples(session.samples, self.weights)
+        return scores, (time.perf_counter() - start) * 1000
 
     def _finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
         if session.recent is None or len(session.recent) == 0:
             raise ProtocolError("recent", f"session {session.session_id}: fine-tuning needs labelled recent samples")
-        return finetune_classifier(self.checkpoint.model, self.checkpoint.global_layers, session.recent,
-                                   self.fleet.config.finetune)
+        return self.checkpoint.model.finetune(self.checkpoint.global_layers, session.recent, self.fleet.config.finetune)

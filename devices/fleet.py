@@ -29,7 +29,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from duet_bus import protocol
 from duet_bus.bus import Topics
@@ -51,10 +50,15 @@ class FleetConfig:
     publish_reports: bool = True
     report_queue: int = 10_000  # reports waiting to be published at most; beyond, counted as unpublished
     run_id: str = ""  # tags this run's session ids on the wire; empty: a random one per fleet
+    # What a device uploads as its real-time samples (paper Table 3): "samples" (item ids, images) or
+    # "embeddings" (an image model's static-layer features, computed on the device; item ids stay ids).
+    upload: str = "samples"
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
             raise ConfigError(f"devices.deadline_s: must be positive, got {self.deadline_s!r}")
+        if self.upload not in ("samples", "embeddings"):
+            raise ConfigError(f"devices.upload: must be samples or embeddings, got {self.upload!r}")
         if not 0 <= self.reply_partition < self.topics.weight_partitions:
             raise ConfigError(f"devices.reply_partition: must be in 0..{self.topics.weight_partitions - 1}, "
                               f"got {self.reply_partition}")
@@ -174,11 +178,15 @@ class Fleet:
         self._sent[request_id] = None
         if len(self._sent) > _REMEMBERED:
             self._sent.popitem(last=False)
+        begin = time.perf_counter()
+        realtime, kind = agent.checkpoint.model.upload(session.realtime, self.config.upload)
+        if kind == "embeddings":  # the device's static layers ran: device compute before the request
+            delay["embed_ms"] = (time.perf_counter() - begin) * 1000
         sent_at = time.time()
         deadline = loop.time() + self.config.deadline_s
         request = protocol.encode(SessionStart(
             session_id=self.session_id(session), request_id=request_id, device_id=agent.device_id,
-            model_version=agent.checkpoint.model_version, realtime=np.asarray(session.realtime, np.int64),
+            model_version=agent.checkpoint.model_version, realtime=realtime, realtime_kind=kind,
             reply_topic=self.config.topics.weights, reply_partition=self.config.reply_partition, sent_at=sent_at,
         ))
         payload["upload"] = len(request)

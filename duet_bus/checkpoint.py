@@ -2,7 +2,9 @@
 
 A checkpoint carries its ``model_version`` (backbone, method and a digest of
 the weights): the cloud stamps it on every reply and the device checks that
-the weights it receives fit the static layers it holds.
+the weights it receives fit the static layers it holds. It also says which
+task it belongs to; the task (`duet_bus.tasks`) rebuilds its model, its data
+preparation and the `ModelSpec` both sides check messages against.
 """
 
 from __future__ import annotations
@@ -11,36 +13,39 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import nn
 
-from duet_bus.data.prep import Prepared, PrepConfig
-from duet_bus.data.sessions import SessionConfig
+from duet_bus.data.prep import Prepared
 from duet_bus.errors import CheckpointError
-from duet_bus.models import LayerWeights, ModelConfig, PPGConfig, RecModel, build_model
+from duet_bus.models import LayerWeights, ModelConfig
 from duet_bus.protocol import ModelSpec
-from duet_bus.train import TrainConfig, tensors, train_model
+from duet_bus.tasks import task_named
+from duet_bus.train import TrainConfig, train_model
 
-FORMAT = "duet-bus-checkpoint/1"
+FORMAT = "duet-bus-checkpoint/2"
+FORMATS = (FORMAT, "duet-bus-checkpoint/1")  # /1: recommendation only, no task field
 
 
 @dataclass
 class Checkpoint:
-    model: RecModel
+    model: nn.Module  # RecModel or VisionModel
     model_version: str
     dataset: str
-    prep: PrepConfig
-    n_items: int
+    prep: Any  # the task's data preparation (PrepConfig, ImagePrepConfig)
+    n_items: int  # 0 for tasks without items
     global_layers: LayerWeights  # the fallback classifier when generated weights do not arrive
+    task: str = "recommendation"
 
     @property
     def spec(self) -> ModelSpec:
-        return ModelSpec(self.model_version, self.n_items, self.prep.history_len,
-                         tuple(self.model.backbone.dynamic_shapes))
+        return task_named(self.task).spec(self)
 
 
 @torch.inference_mode()
-def global_layers(model: RecModel, prepared: Prepared) -> LayerWeights:
+def global_layers(model, prepared) -> LayerWeights:
     """The global classifier of a model.
 
     For the base model it is its classifier. For DUET it is the mean of the
@@ -50,31 +55,31 @@ def global_layers(model: RecModel, prepared: Prepared) -> LayerWeights:
     if not model.generative:
         return [(w.detach().clone(), b.detach().clone()) for w, b in model.head.layer_weights()]
     model.eval()
-    x = tensors(prepared.eval_samples("valid"))
-    weights = model.weights_for(x["realtime"], x["realtime_len"])
+    weights = task_named(model.config.task).validation_weights(model, prepared)
     return [(w.mean(0), b.mean(0)) for w, b in weights]
 
 
-def model_version(model: RecModel) -> str:
+def model_version(model) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().contiguous().numpy().tobytes())
-    return f"{model.config.backbone}-{model.config.method}-{digest.hexdigest()[:10]}"
+    return f"{model.config.name}-{model.config.method}-{digest.hexdigest()[:10]}"
 
 
-def save(path: str | Path, model: RecModel, prepared: Prepared) -> str:
+def save(path: str | Path, model, prepared) -> str:
     """Write the checkpoint; return its model version."""
     version = model_version(model)
     config = asdict(model.config)
     torch.save(
         {
             "format": FORMAT,
+            "task": model.config.task,
             "model_version": version,
             "dataset": prepared.name,
             "model_config": config,
             "prep_config": asdict(prepared.config),
-            "n_items": prepared.n_items,
+            "n_items": getattr(prepared, "n_items", 0),
             "state_dict": model.state_dict(),
             "global_layers": [[w, b] for w, b in global_layers(model, prepared)],
         },
@@ -91,15 +96,11 @@ def load(path: str | Path) -> Checkpoint:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for a corrupt file
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from exc
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+    if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
         raise CheckpointError(f"{path}: not a duet-bus checkpoint (format {FORMAT} expected)")
-    cfg = dict(blob["model_config"])
-    cfg["ppg"] = PPGConfig(**cfg["ppg"]) if cfg["ppg"] else None
-    model_config = ModelConfig(**cfg)
-    prep_cfg = dict(blob["prep_config"])
-    prep_cfg["sessions"] = SessionConfig(**prep_cfg["sessions"])
-    prep = PrepConfig(**prep_cfg)
-    model = build_model(model_config, blob["n_items"], prep.history_len)
+    task = task_named(blob.get("task", "recommendation"))
+    prep = task.prep_from_dict(blob["prep_config"])
+    model = task.model_from_dict(blob["model_config"], prep, blob["n_items"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:
@@ -109,7 +110,7 @@ def load(path: str | Path) -> Checkpoint:
     if version != blob["model_version"]:
         raise CheckpointError(f"{path}: weights digest {version} differs from the recorded {blob['model_version']}")
     layers = [(w, b) for w, b in blob["global_layers"]]
-    return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers)
+    return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers, task.name)
 
 
 def cached(cache_dir: str | Path, prepared: Prepared, config: ModelConfig, train: TrainConfig, seed: int,

@@ -22,52 +22,63 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m"])
-    p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder); ML-100k is bundled")
-    p.add_argument("--backbone", default="sasrec", choices=["din", "sasrec", "gru4rec"])
-    p.add_argument("--epochs", type=int, default=30, help="at most; early stopping on validation AUC")
-    p.add_argument("--patience", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=256, help="groups (1 positive + 4 negatives) per step")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "fashion-mnist"],
+                   help="ml-100k / ml-1m: recommendation; fashion-mnist: image classification")
+    p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder; ML-100k is bundled), or the "
+                                       "folder of the four Fashion-MNIST idx files")
+    p.add_argument("--backbone", help="din, sasrec (default), gru4rec; mobilenetv3_small (default), mobilenetv3_large")
+    p.add_argument("--epochs", type=int, help="at most; early stopping on validation (default 30; images 6)")
+    p.add_argument("--patience", type=int, help="epochs without a better validation score (default 5; images 3)")
+    p.add_argument("--batch-size", type=int,
+                   help="groups of 1 positive + 4 negatives (default 256); images: sessions (default 64)")
+    p.add_argument("--lr", type=float, help="Adam learning rate (default 1e-3; images 2e-3)")
     p.add_argument("--gamma", type=float, default=1.0, help="session weighting gamma^t (1 = uniform)")
-    p.add_argument("--history-len", type=int, default=10, help="L: history and real-time samples per session")
-    p.add_argument("--eval-negatives", type=int, default=100, help="sampled negatives per test target")
-    p.add_argument("--session-length", type=int, default=5, help="training interactions per session (one upload each)")
-    p.add_argument("--holdout", type=float, default=0.0,
-                   help="most recent fraction of each timeline kept out of training (for `duet run` scenarios)")
-    p.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
-    p.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
-    p.add_argument("--swa-p-grad", action="store_true",
-                   help="let gradients flow through the SWA weights p (default: p is detached)")
-    p.add_argument("--swa-joint-p", action="store_true",
-                   help="one SWA p for all dynamic layers (default: one p per layer)")
+    p.add_argument("--session-length", type=int,
+                   help="training interactions per session (default 5); images per session (default 6)")
+    p.add_argument("--holdout", type=float, help="most recent fraction kept out of training for `duet run` "
+                                                 "(default 0; images 0.2)")
+    rec = p.add_argument_group("recommendation")
+    rec.add_argument("--history-len", type=int, default=10, help="L: history and real-time samples per session")
+    rec.add_argument("--eval-negatives", type=int, default=100, help="sampled negatives per test target")
+    img = p.add_argument_group("images")
+    img.add_argument("--devices", type=int, default=100, help="devices made by the label-skew partition")
+    img.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration of the label skew")
+    img.add_argument("--camera", type=float, default=1.0, help="strength of each device's camera (0: none)")
+    img.add_argument("--realtime", type=int, default=2, help="real-time images at the start of each session")
+    img.add_argument("--max-images", type=int, default=20_000, help="seeded subset of the 70,000 images (0: all)")
+    img.add_argument("--width", type=float, default=1.0, help="MobileNetV3 width multiplier")
+    img.add_argument("--small-input", action="store_true", help="stride 1 in the stem: finer, 2.7x slower")
+    swa = p.add_argument_group("generator")
+    swa.add_argument("--np", dest="n_generators", type=int, default=5, help="SWA generators N_p for `duet`")
+    swa.add_argument("--tau", type=float, default=0.1, help="SWA temperature")
+    swa.add_argument("--swa-p-grad", action="store_true",
+                     help="let gradients flow through the SWA weights p (default: p is detached)")
+    swa.add_argument("--swa-joint-p", action="store_true",
+                     help="one SWA p for all dynamic layers (default: one p per layer)")
 
 
 def _eval_config(args: argparse.Namespace):
-    from duet_bus.data.prep import PrepConfig
-    from duet_bus.data.sessions import SessionConfig
     from duet_bus.evaluate import METHODS, EvalConfig
     from duet_bus.models import PPGConfig
-    from duet_bus.train import TrainConfig
+    from duet_bus.tasks import task_for
 
     if args.seeds < 1:
         raise DuetError(f"--seeds: must be a positive integer, got {args.seeds}")
-    base = EvalConfig()
-    return replace(
-        base,
+    task = task_for(args.dataset)
+    given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
+    train = replace(task.default_train(), gamma=args.gamma, **{k: v for k, v in given.items() if v is not None})
+    return EvalConfig(
         dataset=args.dataset,
         data_path=args.data_path,
-        backbone=args.backbone,
+        backbone=args.backbone or task.default_backbone,
         seeds=tuple(range(args.seed, args.seed + args.seeds)),
         methods=tuple(args.methods.split(",")) if getattr(args, "methods", None) else METHODS,
-        prep=PrepConfig(
-            history_len=args.history_len,
-            eval_negatives=args.eval_negatives,
-            sessions=SessionConfig(length=args.session_length),
-            holdout=args.holdout,
-        ),
-        train=TrainConfig(epochs=args.epochs, patience=args.patience, gamma=args.gamma, batch_size=args.batch_size),
+        prep=task.prep_from_args(args),
+        train=train,
         swa=PPGConfig(n_generators=args.n_generators, tau=args.tau, detach_p=not args.swa_p_grad,
                       p_per_layer=not args.swa_joint_p),
+        width=args.width,
+        small_input=args.small_input,
     )
 
 
@@ -87,12 +98,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from duet_bus import checkpoint
     from duet_bus.data import load_dataset, prepare
+    from duet_bus.tasks.recommendation import model_config
     from duet_bus.train import train_model
 
     config = _eval_config(args)
     data = load_dataset(config.dataset, config.data_path)
     prepared = prepare(data, config.prep, seed=args.seed)
-    result = train_model(prepared, config.model_config(args.method), config.train, args.seed, label=args.method)
+    result = train_model(prepared, model_config(config, args.method), config.train, args.seed, label=args.method)
     version = checkpoint.save(args.out, result.model, prepared)
     console.print(
         f"{args.method} on {config.dataset}/{config.backbone}: best validation AUC "
@@ -393,11 +405,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("evaluate", help="compare base, finetune, duet_no_swa and duet offline (Table 1)")
+    p = sub.add_parser("evaluate", help="compare base, finetune, duet_no_swa and duet offline (Tables 1, 2, 4)")
     _add_data_args(p)
     p.add_argument("--seeds", type=int, default=5, help="number of seeds")
     p.add_argument("--seed", type=int, default=0, help="first seed")
-    p.add_argument("--methods", help="comma-separated subset of base,finetune,duet_no_swa,duet")
+    p.add_argument("--methods", help="comma-separated: base, finetune, duet_no_swa, duet (default: these four), "
+                                     "duet_npK for N_p = K (the SWA sweep)")
     p.add_argument("--out", help="write the results document (JSON) here")
     p.set_defaults(func=cmd_evaluate)
 

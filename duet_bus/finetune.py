@@ -2,7 +2,8 @@
 
 The device holds the static layers (frozen) and the global classifier; it
 takes ``steps`` Adam steps on its labelled recent samples and uses the
-result for its session. Both the offline evaluation and the device agent run
+result for its session (`adam_steps`, shared by both tasks; the image task
+calls it with its own features and cross-entropy). Both the offline evaluation and the device agent run
 exactly this function, and both time it the same way: the backbone forward
 over the labelled samples plus the steps.
 """
@@ -10,6 +11,7 @@ over the labelled samples plus the steps.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -34,23 +36,32 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name}: must be a positive integer, got {getattr(self, name)!r}")
 
 
+def adam_steps(start: LayerWeights, features: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
+               config: FinetuneConfig) -> LayerWeights:
+    """``config.steps`` Adam steps on copies of the dynamic layers ``start``; the backbone stays frozen.
+
+    ``features`` is the dynamic layers' input (computed once, without
+    gradients); ``loss_of`` maps their output to the loss.
+    """
+    params = [t.detach().clone().requires_grad_(True) for layer in start for t in layer]
+    optimizer = torch.optim.Adam(params, lr=config.lr)
+    for _ in range(config.steps):
+        loss = loss_of(apply_dynamic(features, list(zip(params[0::2], params[1::2]))))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward(inputs=params)
+        optimizer.step()
+    return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])]
+
+
 def finetune_classifier(
     model: RecModel, start: LayerWeights, recent: Samples, config: FinetuneConfig
 ) -> tuple[LayerWeights, float]:
     """Fine-tuned copies of the classifier weights ``start``, and the wall time in ms."""
     x = tensors(recent)
     labels = torch.from_numpy(recent.labels)
-    params = [t.detach().clone().requires_grad_(True) for layer in start for t in layer]
-    optimizer = torch.optim.Adam(params, lr=config.lr)
     begin = time.perf_counter()
     with torch.no_grad():
         features = model.backbone.features(x["history"], x["history_len"], x["targets"])
-    for _ in range(config.steps):
-        weights = list(zip(params[0::2], params[1::2]))
-        logits = model.backbone.readout(apply_dynamic(features, weights), x["targets"])
-        loss = F.binary_cross_entropy_with_logits(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
-        optimizer.step()
-    millis = (time.perf_counter() - begin) * 1000
-    return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])], millis
+    weights = adam_steps(start, features, lambda out: F.binary_cross_entropy_with_logits(
+        model.backbone.readout(out, x["targets"]), labels), config)
+    return weights, (time.perf_counter() - begin) * 1000

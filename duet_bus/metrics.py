@@ -59,3 +59,14 @@ def ranking_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:
         f"hr{k}": float(hit.mean()),
         "logloss": log_loss(labels, scores),
     }
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy and mean cross-entropy (log-loss) of class logits ``(..., C)`` against labels ``(...)``."""
+    z = np.asarray(logits, np.float64).reshape(-1, np.shape(logits)[-1])
+    y = np.asarray(labels).ravel()
+    if len(y) == 0:
+        raise ValueError("classification metrics need at least one labelled image")
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return {"accuracy": float((z.argmax(1) == y).mean()), "logloss": float(-log_p[np.arange(len(y)), y].mean())}

@@ -14,6 +14,13 @@ Version 2 added ``request_id``: a fresh random nonce per request that the
 reply carries back, so a device takes only the answer to the request it sent
 (never a reply left on the topic by an earlier run), and ``model_info``, the
 record by which the cloud announces what it serves.
+
+Version 3 serves both tasks: a request's ``realtime_kind`` says what its
+real-time samples are (``items``: item ids; ``images``: ``(R, C, H, W)``
+floats; ``embeddings``: ``(R, F)`` floats, the device's static-layer output),
+and a reply's ``form`` says whether each layer is the full ``(W, b)`` or the
+generator's per-session factor ``(H, b)`` (``factored``; the device holds the
+shared ``W2``, ``b2`` with its static layers).
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ import numpy as np
 from duet_bus import tensors
 from duet_bus.errors import DuetError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARRAY_ELEMENTS = 1 << 20
 MAX_REALTIME = 1024
+REALTIME_KINDS = ("items", "images", "embeddings")
+FORMS = ("full", "factored")
 MAX_PARTITION = (1 << 31) - 1
 # What Kafka itself accepts as a topic name.
 _TOPIC_NAME = re.compile(r"^[A-Za-z0-9._-]{1,249}$")
@@ -57,9 +66,12 @@ class ModelSpec:
     """What a model version accepts and produces: checked on both sides of the bus."""
 
     model_version: str
-    n_items: int
+    n_items: int  # item ids are 1..n_items (0 for a model that takes no items)
     realtime_len: int
     layer_shapes: tuple[tuple[int, int], ...]
+    # What real-time samples the model takes, each kind with the shape of one sample.
+    realtime_kinds: tuple[tuple[str, tuple[int, ...]], ...] = (("items", ()),)
+    factor_hidden: int = 0  # h of the generator (the factored form's H is in x h); 0: no generator
 
 
 @dataclass
@@ -70,10 +82,11 @@ class SessionStart:
     request_id: str  # a fresh nonce (`new_request_id`); only the reply that carries it back answers this request
     device_id: str
     model_version: str
-    realtime: np.ndarray  # int64 item ids, most recent last
+    realtime: np.ndarray  # int64 item ids, most recent last; or float32 images / embeddings, one per row
     reply_topic: str
     reply_partition: int
     sent_at: float  # device wall clock, unix seconds
+    realtime_kind: str = "items"  # items, images or embeddings
     TYPE = "session_start"
 
 
@@ -91,6 +104,7 @@ class WeightsReady:
     sent_at: float  # cloud wall clock when the reply was produced
     generation_ms: float  # the batched generator forward, measured
     batch_size: int  # sessions in the cloud micro-batch
+    form: str = "full"  # full: (W, b) per layer; factored: (H, b), W = H W2 + b2 with the device's W2, b2
     TYPE = "weights_ready"
 
 
@@ -102,8 +116,10 @@ class SessionReport:
     device_id: str
     method: str
     model_version: str
-    scores: np.ndarray  # float32 logits of the session's candidates, positive first
-    labels: np.ndarray  # float32 0/1, same length
+    # Ranking: (n,) float32 logits of the session's candidates, positive first, and labels (n,) 0/1.
+    # Classification: (n, classes) logits of the session's images, and labels (n,) the class ids.
+    scores: np.ndarray
+    labels: np.ndarray
     fallback: bool  # weights did not arrive in time: the global classifier was used
     delay_ms: dict[str, float] = field(default_factory=dict)  # measured and modelled parts, named
     payload_bytes: dict[str, int] = field(default_factory=dict)
@@ -137,10 +153,12 @@ class ModelInfo:
     n_items: int  # item ids are 1..n_items
     realtime_len: int  # L: at most this many real-time samples are used (the most recent)
     layer_shapes: list[list[int]]  # (in, out) of each dynamic layer, first layer first
-    weight_encoding: str  # float32, float16 or int8 on the wire
+    weight_encoding: str  # float32, float16, int8 or factored on the wire
     sessions_topic: str  # where requests go
     reply_topics: list[str]  # the only topics a request may name as reply_topic
     at: float  # cloud wall clock
+    task: str = "recommendation"  # or image_classification
+    realtime_kinds: dict[str, list[int]] = field(default_factory=lambda: {"items": []})  # kind -> one sample's shape
     TYPE = "model_info"
 
 
@@ -278,15 +296,28 @@ class _Fields:
 
 
 def _session_start(f: _Fields) -> SessionStart:
+    kind = f.get("realtime_kind", str)
+    if kind not in REALTIME_KINDS:
+        raise ProtocolError("realtime_kind", f"{_show(kind)} is not one of {', '.join(REALTIME_KINDS)}")
     realtime = f.array("realtime")
-    if f.body["realtime"]["dtype"] not in ("int32", "int64"):
-        raise ProtocolError("realtime", f"item ids must be int32 or int64, got {f.body['realtime']['dtype']}")
-    if realtime.ndim != 1 or not 1 <= len(realtime) <= MAX_REALTIME:
-        raise ProtocolError("realtime", f"must be 1-D with 1..{MAX_REALTIME} item ids, got shape {realtime.shape}")
+    dtype = f.body["realtime"]["dtype"]
+    if kind == "items":
+        if dtype not in ("int32", "int64"):
+            raise ProtocolError("realtime", f"item ids must be int32 or int64, got {dtype}")
+        if realtime.ndim != 1 or not 1 <= len(realtime) <= MAX_REALTIME:
+            raise ProtocolError("realtime", f"must be 1-D with 1..{MAX_REALTIME} item ids, got shape {realtime.shape}")
+    else:
+        ndim = 4 if kind == "images" else 2
+        if dtype not in ("float32", "float16"):
+            raise ProtocolError("realtime", f"{kind} must be float32 or float16, got {dtype}")
+        if realtime.ndim != ndim or not 1 <= len(realtime) <= MAX_REALTIME or 0 in realtime.shape:
+            shape = "(R, C, H, W)" if kind == "images" else "(R, F)"
+            raise ProtocolError("realtime", f"{kind} must be {shape} with 1..{MAX_REALTIME} samples, got shape "
+                                            f"{realtime.shape}")
     return SessionStart(
         session_id=f.text("session_id"), request_id=f.text("request_id", 64), device_id=f.text("device_id"),
         model_version=f.text("model_version"), realtime=realtime, reply_topic=f.topic("reply_topic"),
-        reply_partition=f.count("reply_partition"), sent_at=f.get("sent_at", float),
+        reply_partition=f.count("reply_partition"), sent_at=f.get("sent_at", float), realtime_kind=kind,
     )
 
 
@@ -299,22 +330,31 @@ def _weights_ready(f: _Fields) -> WeightsReady:
         if not isinstance(layer, dict):
             raise ProtocolError(f"layers[{n}]", "expected a map with w and b")
         w, b = f.array(f"layers[{n}].w", layer.get("w")), f.array(f"layers[{n}].b", layer.get("b"))
-        if w.ndim != 2 or b.shape != (w.shape[1],):
-            raise ProtocolError(f"layers[{n}]", f"w must be (in, out) and b (out,), got {w.shape} and {b.shape}")
+        if w.ndim != 2 or b.ndim != 1:
+            raise ProtocolError(f"layers[{n}]", f"w must be 2-D and b 1-D, got {w.shape} and {b.shape}")
         layers.append((w, b))
+    form = f.get("form", str)
+    if form not in FORMS:
+        raise ProtocolError("form", f"{_show(form)} is not one of {', '.join(FORMS)}")
+    for n, (w, b) in enumerate(layers):
+        if form == "full" and b.shape != (w.shape[1],):
+            raise ProtocolError(f"layers[{n}]", f"w must be (in, out) and b (out,), got {w.shape} and {b.shape}")
     return WeightsReady(
         session_id=f.text("session_id"), request_id=f.text("request_id", 64), device_id=f.text("device_id"),
         model_version=f.text("model_version"),
         method=f.text("method"), layers=layers, received_at=f.get("received_at", float),
         sent_at=f.get("sent_at", float), generation_ms=f.get("generation_ms", float),
-        batch_size=f.count("batch_size"),
+        batch_size=f.count("batch_size"), form=form,
     )
 
 
 def _session_report(f: _Fields) -> SessionReport:
     scores, labels = f.array("scores"), f.array("labels")
-    if scores.shape != labels.shape or scores.ndim != 1:
-        raise ProtocolError("scores", f"scores {scores.shape} and labels {labels.shape} must be equal 1-D shapes")
+    if scores.ndim not in (1, 2) or labels.ndim != 1 or len(scores) != len(labels):
+        raise ProtocolError("scores", f"scores {scores.shape} must be (n,) or (n, classes) and labels (n,), got "
+                                      f"labels {labels.shape}")
+    if scores.ndim == 2 and not ((labels >= 0) & (labels < scores.shape[1]) & (labels == np.round(labels))).all():
+        raise ProtocolError("labels", f"class ids must be integers in 0..{scores.shape[1] - 1}")
     return SessionReport(
         session_id=f.text("session_id"), device_id=f.text("device_id"), method=f.text("method"),
         model_version=f.text("model_version"), scores=scores, labels=labels, fallback=f.get("fallback", bool),
@@ -337,7 +377,12 @@ def _model_info(f: _Fields) -> ModelInfo:
     topics = f.get("reply_topics", list)
     if not topics or not all(isinstance(t, str) and _TOPIC_NAME.match(t) for t in topics):
         raise ProtocolError("reply_topics", "must be a non-empty list of topic names")
+    kinds = f.get("realtime_kinds", dict)
+    if not kinds or not all(k in REALTIME_KINDS and isinstance(v, list) and all(type(d) is int and d > 0 for d in v)
+                            for k, v in kinds.items()):
+        raise ProtocolError("realtime_kinds", f"must map some of {', '.join(REALTIME_KINDS)} to a sample shape")
     return ModelInfo(
+        task=f.text("task"), realtime_kinds=kinds,
         model_version=f.text("model_version"), method=f.text("method"), backbone=f.text("backbone"),
         n_items=f.count("n_items", 1 << 62), realtime_len=f.count("realtime_len", MAX_REALTIME),
         layer_shapes=shapes, weight_encoding=f.text("weight_encoding"), sessions_topic=f.topic("sessions_topic"),
@@ -359,11 +404,27 @@ def check_session_start(event: SessionStart, spec: ModelSpec) -> None:
     if event.model_version != spec.model_version:
         raise ProtocolError("model_version", f"{event.model_version!r} is not served here (serving "
                                              f"{spec.model_version!r})")
+    kinds = dict(spec.realtime_kinds)
+    if event.realtime_kind not in kinds:
+        raise ProtocolError("realtime_kind", f"{event.realtime_kind} is not what {spec.model_version} takes "
+                                             f"({', '.join(kinds)})")
     if len(event.realtime) > spec.realtime_len:
-        raise ProtocolError("realtime", f"{len(event.realtime)} items exceed the model's {spec.realtime_len}")
-    bad = (event.realtime < 1) | (event.realtime > spec.n_items)
-    if bad.any():
-        raise ProtocolError("realtime", f"item id {int(event.realtime[bad][0])} outside 1..{spec.n_items}")
+        raise ProtocolError("realtime", f"{len(event.realtime)} samples exceed the model's {spec.realtime_len}")
+    if event.realtime_kind == "items":
+        bad = (event.realtime < 1) | (event.realtime > spec.n_items)
+        if bad.any():
+            raise ProtocolError("realtime", f"item id {int(event.realtime[bad][0])} outside 1..{spec.n_items}")
+    elif tuple(event.realtime.shape[1:]) != kinds[event.realtime_kind]:
+        raise ProtocolError("realtime", f"one sample of {event.realtime_kind} has shape "
+                                        f"{tuple(event.realtime.shape[1:])}, the model takes "
+                                        f"{kinds[event.realtime_kind]}")
+
+
+def expected_shapes(spec: ModelSpec, form: str) -> tuple[tuple[int, int], ...]:
+    """The ``w`` shape of each layer in a reply of this form."""
+    if form == "factored":
+        return tuple((i, spec.factor_hidden) for i, _ in spec.layer_shapes)
+    return spec.layer_shapes
 
 
 def check_weights(event: WeightsReady, spec: ModelSpec) -> None:
@@ -371,6 +432,12 @@ def check_weights(event: WeightsReady, spec: ModelSpec) -> None:
     if event.model_version != spec.model_version:
         raise ProtocolError("model_version", f"{event.model_version!r} does not fit the static layers "
                                              f"{spec.model_version!r}")
+    if event.form == "factored" and not spec.factor_hidden:
+        raise ProtocolError("form", f"{spec.model_version} has no generator factors to combine a factored reply with")
     shapes = tuple(w.shape for w, _ in event.layers)
-    if shapes != spec.layer_shapes:
-        raise ProtocolError("layers", f"shapes {shapes} do not match the model's {spec.layer_shapes}")
+    expected = expected_shapes(spec, event.form)
+    if shapes != expected:
+        raise ProtocolError("layers", f"shapes {shapes} do not match the model's {expected} ({event.form} form)")
+    biases = tuple(b.shape for _, b in event.layers)
+    if biases != tuple((o,) for _, o in spec.layer_shapes):
+        raise ProtocolError("layers", f"bias shapes {biases} do not match the model's outputs")

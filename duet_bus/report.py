@@ -29,29 +29,43 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
+_METRIC_NAMES = {"auc": "AUC", "gauc": "GAUC", "ndcg10": "NDCG@10", "hr10": "HR@10", "logloss": "LogLoss",
+                 "accuracy": "Accuracy"}
+
+
+def label(method: str, generators: int | None = None) -> str:
+    """How tables and plots name a method (``duet_np3`` -> ``DUET (N_p=3)``)."""
+    if method in LABELS:
+        return LABELS[method] + (f" (N_p={generators})" if method == "duet" and generators else "")
+    return f"DUET (N_p={method.removeprefix('duet_np')})" if method.startswith("duet_np") else method
+
+
 def table1(doc: dict) -> Table:
-    """A Table-1-shaped comparison: AUC mean/std, GAUC, NDCG@10, HR@10, device cost, delay."""
+    """The paper's Table 1 / Table 2 shape: the primary metric's mean and std over seeds, the other
+    metrics' means, device cost and delay; columns from the task's metrics."""
     seeds = len(doc["seeds"])
+    metrics = doc.get("metrics", ["auc", "gauc", "ndcg10", "hr10", "logloss"])
+    primary = doc.get("primary", metrics[0])
+    others = [m for m in metrics if m != primary]
     table = Table(
         title=f"{doc['dataset']} / {doc['backbone']}: {seeds} seed{'s' if seeds != 1 else ''} "
         f"(mean, sample std)",
         caption="LR*: needs labels of the device's real-time data. Delay p50, measured on this CPU: "
         "fine-tuning = on-device compute; DUET = cloud generation of one session (network not included).",
     )
-    for name in ("Method", "LR*", "AUC mean", "AUC std", "GAUC", "NDCG@10", "HR@10", "Param.", "FLOPs",
-                 "Delay p50"):
-        table.add_column(name, justify="left" if name == "Method" else "right")
+    name = _METRIC_NAMES.get(primary, primary)
+    for column in ("Method", "LR*", f"{name} mean", f"{name} std", *(_METRIC_NAMES.get(m, m) for m in others),
+                   "Param.", "FLOPs", "Delay p50"):
+        table.add_column(column, justify="left" if column == "Method" else "right")
     device = doc.get("device", {})
     for method, m in doc["methods"].items():
         delay = "0" if method == "base" else f"{m['delay_ms_p50']:.2f} ms"
         table.add_row(
-            LABELS.get(method, method),
+            label(method, m.get("generators")),
             "yes" if m.get("needs_labels") else "",
-            f"{m['auc_mean']:.4f}",
-            f"{m['auc_std']:.4f}",
-            f"{m['gauc_mean']:.4f}",
-            f"{m['ndcg10_mean']:.4f}",
-            f"{m['hr10_mean']:.4f}",
+            f"{m[f'{primary}_mean']:.4f}",
+            f"{m[f'{primary}_std']:.4f}",
+            *(f"{m[f'{o}_mean']:.4f}" for o in others),
             _si(device.get("params", 0)),
             _si(device.get("flops_per_sample", 0)),
             delay,

@@ -60,3 +60,34 @@ def duet_checkpoint(duet_checkpoint_file):
     from duet_bus import checkpoint
 
     return checkpoint.load(duet_checkpoint_file)
+
+
+@pytest.fixture(scope="session")
+def fashion_shared(tmp_path_factory) -> Path:
+    """A tiny Fashion-MNIST-shaped folder of idx files (480 images), shared by the session."""
+    from duet_bus.testing import write_fashion
+
+    return write_fashion(tmp_path_factory.mktemp("fashion"), n_train=400, n_test=80)
+
+
+@pytest.fixture(scope="session")
+def fashion_prepared(fashion_shared):
+    from duet_bus.data.images import ImagePrepConfig, load_fashion_mnist, prepare_images
+
+    return prepare_images(load_fashion_mnist(fashion_shared), ImagePrepConfig(devices=6, max_images=0), seed=0)
+
+
+@pytest.fixture(scope="session")
+def vision_checkpoint(fashion_prepared, tmp_path_factory):
+    """A small MobileNetV3-Small (width 0.25) DUET (N_p = 2) trained one epoch, saved and loaded back."""
+    from duet_bus import checkpoint
+    from duet_bus.evaluate import EvalConfig
+    from duet_bus.tasks.vision import model_config, train_vision
+    from duet_bus.train import TrainConfig
+
+    config = EvalConfig(dataset="fashion-mnist", width=0.25)
+    result = train_vision(fashion_prepared, model_config(config, "duet_np2", fashion_prepared),
+                          TrainConfig(epochs=1, batch_size=16), seed=0)
+    path = tmp_path_factory.mktemp("ckpt") / "vision.pt"
+    checkpoint.save(path, result.model, fashion_prepared)
+    return checkpoint.load(path)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from duet_bus.errors import DataError
+from duet_bus.errors import ConfigError, DataError
 
 FASHION_MNIST_ENV = "DUET_FASHION_MNIST"
 DEBIAN_FOLDER = Path("/usr/share/datasets/fashion-mnist")
@@ -159,3 +159,162 @@ def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
         inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
         out[:, inside] += images[:, yy[inside], xx[inside]] * weight[inside]
     return out
+
+
+# -- devices and sessions ------------------------------------------------------------------------
+
+@dataclass
+class ImageSamples:
+    """The images a device classifies in one session (or learns from, for fine-tuning), with their labels."""
+
+    images: np.ndarray  # (K, C, H, W) float32
+    labels: np.ndarray  # (K,) int64 class ids
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+SPLITS = ("train", "valid", "test", "stream")
+
+
+@dataclass(frozen=True)
+class ImagePrepConfig:
+    """How images become devices and sessions (every number is a default of `duet evaluate`).
+
+    A session is ``session_length`` images of one device in order; its first
+    ``realtime`` images are the real-time samples the device uploads
+    (unlabelled on the device), the rest are the images it classifies. Each
+    device's sessions are split in time order: ``train`` / ``valid`` /
+    ``test`` for the offline evaluation and the last ``holdout`` fraction as
+    the stream `duet run` plays (never seen in training).
+    """
+
+    devices: int = 100
+    alpha: float = 0.3  # Dirichlet concentration of the label-skew partition
+    camera: float = 1.0  # strength of each device's fixed camera; 0: every device sees the same way
+    session_length: int = 6
+    realtime: int = 2
+    valid: float = 0.1
+    test: float = 0.1
+    holdout: float = 0.2
+    max_images: int = 20_000  # a seeded subset of the 70,000 images (0: all), for speed
+
+    def __post_init__(self) -> None:
+        for name in ("devices", "session_length", "realtime"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"data.{name}: must be a positive integer, got {value!r}")
+        if self.realtime >= self.session_length:
+            raise ConfigError(f"data.realtime: {self.realtime} real-time images leave none to classify in a "
+                              f"session of {self.session_length}")
+        if not self.alpha > 0:
+            raise ConfigError(f"data.alpha: must be positive, got {self.alpha!r}")
+        if not self.camera >= 0:
+            raise ConfigError(f"data.camera: must be non-negative, got {self.camera!r}")
+        for name in ("valid", "test", "holdout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"data.{name}: must be in [0, 1), got {getattr(self, name)!r}")
+        if self.valid + self.test + self.holdout >= 1:
+            raise ConfigError("data.valid + data.test + data.holdout: must leave sessions to train on")
+        if not isinstance(self.max_images, int) or self.max_images < 0:
+            raise ConfigError(f"data.max_images: must be a non-negative integer, got {self.max_images!r}")
+
+
+@dataclass
+class PreparedImages:
+    """Devices, their images as their cameras see them, and their sessions split in time order."""
+
+    name: str
+    config: ImagePrepConfig
+    classes: tuple[str, ...]
+    images: np.ndarray  # (N, 1, H, W) float32 in [0, 1], after each owner's camera
+    labels: np.ndarray  # (N,) int64
+    owner: np.ndarray  # (N,) the device each image belongs to
+    cameras: list[Camera]
+    sessions: np.ndarray  # (S, session_length) image indices, a device's images in order
+    session_device: np.ndarray  # (S,)
+    session_split: np.ndarray  # (S,) index into SPLITS
+    source: str
+
+    @property
+    def n_devices(self) -> int:
+        return self.config.devices
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images.shape[1:])
+
+    def split(self, name: str) -> np.ndarray:
+        """Session indices of one split, device by device, each device's in time order."""
+        return np.flatnonzero(self.session_split == SPLITS.index(name))
+
+    def recent_labelled(self, session: int, count: int) -> np.ndarray:
+        """Image indices of the ``count`` labelled images the device saw last before ``session``."""
+        device = self.session_device[session]
+        earlier = self.sessions[(self.session_device == device) & (np.arange(len(self.sessions)) < session)]
+        return earlier.ravel()[-count:]
+
+    def device_sessions(self, sessions: np.ndarray, recent: int = 0) -> list:
+        """Sessions as a device sees them: its real-time images to upload, the images to classify, and
+        (``recent`` > 0) its last labelled images for fine-tuning."""
+        from duet_bus.data.streams import DeviceSession
+
+        realtime = self.config.realtime
+        out = []
+        for s in sessions:
+            index = self.sessions[s]
+            device = f"{self.name}-d{int(self.session_device[s]):04d}"
+            labelled = self.recent_labelled(int(s), recent) if recent else None
+            out.append(DeviceSession(
+                session_id=f"{device}-s{int(s)}", device_id=device, realtime=self.images[index[:realtime]],
+                samples=ImageSamples(self.images[index[realtime:]], self.labels[index[realtime:]]),
+                recent=None if labelled is None else ImageSamples(self.images[labelled], self.labels[labelled]),
+                realtime_kind="images",
+            ))
+        return out
+
+
+def prepare_images(data: ImageSet, config: ImagePrepConfig, seed: int, name: str = "fashion-mnist"
+                   ) -> PreparedImages:
+    """Seeded devices (label-skew partition + camera) and their sessions from an image set."""
+    rng = np.random.default_rng([seed, 7])
+    images = np.concatenate([data.train_images, data.test_images])
+    labels = np.concatenate([data.train_labels, data.test_labels])
+    if config.max_images and config.max_images < len(images):
+        keep = np.sort(rng.choice(len(images), config.max_images, replace=False))
+        images, labels = images[keep], labels[keep]
+    parts = dirichlet_partition(labels, config.devices, config.alpha, rng)
+    owner = np.empty(len(labels), np.int64)
+    cameras = [Camera.random(rng, config.camera) if config.camera else Camera() for _ in parts]
+    seen = np.empty((len(labels), 1, *images.shape[1:]), np.float32)
+    sessions, session_device, session_split = [], [], []
+    length = config.session_length
+    for device, members in enumerate(parts):
+        owner[members] = device
+        seen[members, 0] = cameras[device].apply(images[members])
+        order = rng.permutation(members)  # the order the device takes its pictures in
+        count = len(order) // length
+        if count == 0:
+            continue
+        sessions.append(order[: count * length].reshape(count, length))
+        session_device.append(np.full(count, device))
+        session_split.append(_time_splits(count, config))
+    if not sessions:
+        raise DataError(f"{name}: no device has {length} images for one session; use fewer devices or "
+                        f"more images")
+    return PreparedImages(name, config, data.classes, seen, labels, owner, cameras,
+                          np.concatenate(sessions), np.concatenate(session_device), np.concatenate(session_split),
+                          source=name)
+
+
+def _time_splits(count: int, config: ImagePrepConfig) -> np.ndarray:
+    """Split codes of a device's ``count`` sessions in time order: train, valid, test, stream."""
+    stream = int(round(count * config.holdout))
+    test = int(round(count * config.test))
+    valid = int(round(count * config.valid))
+    train = max(0, count - stream - test - valid)
+    return np.repeat(np.arange(len(SPLITS)), [train, valid, test, stream])[:count]

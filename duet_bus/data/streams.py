@@ -1,14 +1,15 @@
 """What a device sees of one session.
 
-A `DeviceSession` holds the device's real-time clicks (uploaded to the cloud)
-and the session's samples (history, candidate targets, labels: the labels are
-used for evaluation only), plus the labelled recent samples that on-device
-fine-tuning may learn from.
+A `DeviceSession` holds the device's real-time samples (clicks or images,
+uploaded to the cloud) and the session's samples (history, candidate targets,
+labels; or images and labels: the labels are used for evaluation only), plus
+the labelled recent samples that on-device fine-tuning may learn from.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,9 +21,10 @@ from duet_bus.data.sessions import session_bounds
 class DeviceSession:
     session_id: str
     device_id: str
-    realtime: np.ndarray  # (<= L,) item ids, most recent last
-    samples: Samples  # the session's samples to score
-    recent: Samples | None = None  # labelled recent samples (fine-tuning only)
+    realtime: np.ndarray  # (<= L,) item ids, most recent last; or (R, C, H, W) images
+    samples: Any  # the session's samples to score: `Samples`, or `images.ImageSamples`
+    recent: Any = None  # labelled recent samples, the same kind (fine-tuning only)
+    realtime_kind: str = "items"  # what `realtime` holds (protocol.REALTIME_KINDS)
 
 
 def device_id(prepared: Prepared, user: int) -> str:

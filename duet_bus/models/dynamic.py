@@ -5,26 +5,61 @@ Weights are a list of ``(W, b)`` with ``W: (B, in, out)`` and ``b: (B, out)``
 whole batch, the global classifier). Inputs are ``(B, in)`` or ``(B, K, in)``
 (K candidate targets sharing one set of weights). One ``baddbmm`` per layer,
 never a Python loop over samples.
+
+A generated layer may also stay in the generator's factored form
+(`Factored`): ``W = H W2 + 1 b2^T`` with a per-sample ``H: (B, in, h)`` and
+the shared ``W2: (h, out)``, ``b2: (out,)``. Applied as
+``(x H) W2 + sum(x) b2 + b``, it never forms the ``in x out`` matrix: for a
+MobileNetV3-Small head (576 x 1024, h = 32) that is 18 k numbers per session
+instead of 590 k, and the same result up to float rounding.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-LayerWeights = list[tuple[Tensor, Tensor]]
+
+class Factored(NamedTuple):
+    """One generated layer as its factors (see the module docstring)."""
+
+    h: Tensor  # (B, in, hidden): per sample
+    w2: Tensor  # (hidden, out): shared by every sample of a model version
+    b2: Tensor  # (out,): shared
+    b: Tensor  # (B, out): the layer's bias, per sample
+
+    def materialize(self) -> tuple[Tensor, Tensor]:
+        """The full ``(W, b)``: ``W = H W2 + b2`` (broadcast over the input rows)."""
+        return torch.matmul(self.h, self.w2) + self.b2, self.b
+
+
+LayerWeights = list[tuple[Tensor, Tensor]]  # a layer may also be `Factored`
+
+
+def materialize(weights: LayerWeights) -> LayerWeights:
+    """Every layer as a full ``(W, b)``: what goes on the wire in the float encodings."""
+    return [layer.materialize() if isinstance(layer, Factored) else layer for layer in weights]
 
 
 def apply_dynamic(x: Tensor, weights: LayerWeights) -> Tensor:
     """Run the dynamic MLP: ReLU between layers, none after the last."""
     squeeze = x.dim() == 2
     h = x.unsqueeze(1) if squeeze else x  # (B, K, in)
-    for n, (w, b) in enumerate(weights):
-        if w.dim() == 2:
+    for n, layer in enumerate(weights):
+        if isinstance(layer, Factored):
+            # (x H) W2 + sum(x) b2 + b: never the in x out matrix.
+            low = torch.bmm(h, layer.h)  # (B, K, hidden)
+            bias = layer.b.unsqueeze(1) + h.sum(-1, keepdim=True) * layer.b2
+            h = torch.addmm(bias.reshape(-1, bias.size(-1)), low.reshape(-1, low.size(-1)),
+                            layer.w2).view(h.size(0), h.size(1), -1)
+        elif layer[0].dim() == 2:
+            w, b = layer
             h = torch.addmm(b, h.reshape(-1, h.size(-1)), w).view(h.size(0), h.size(1), -1)
         else:
+            w, b = layer
             h = torch.baddbmm(b.unsqueeze(1), h, w)
         if n < len(weights) - 1:
             h = torch.relu(h)

@@ -48,9 +48,12 @@ class SqueezeExcite(nn.Module):
         return x * nn.functional.hardsigmoid(self.fc2(s))
 
 
+# BatchNorm keeps torch's default momentum (0.1), not the reference's 0.01: trained for a few hundred
+# steps only, running statistics at 0.01 are still mostly their initial values and the model in eval
+# mode classifies at chance (measured: 10 % validation accuracy after two Fashion-MNIST epochs).
 def _conv(cin: int, cout: int, kernel: int, stride: int, groups: int, act: type[nn.Module] | None) -> nn.Sequential:
     layers: list[nn.Module] = [nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout, eps=0.001, momentum=0.01)]
+                               nn.BatchNorm2d(cout, eps=0.001)]
     if act is not None:
         layers.append(act())
     return nn.Sequential(*layers)

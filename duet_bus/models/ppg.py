@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
-from duet_bus.models.dynamic import LayerWeights
+from duet_bus.models.dynamic import Factored, LayerWeights
 from duet_bus.models.swa import mix, swa_weights
 
 
@@ -74,10 +74,11 @@ class LayerGenerator(nn.Module):
     def mixed(self, p: Tensor) -> tuple[Tensor, ...]:
         return tuple(mix(getattr(self, name), p) for name in self.PARTS)
 
-    def forward(self, e: Tensor, params: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+    def forward(self, e: Tensor, params: tuple[Tensor, ...], factored: bool = False) -> tuple[Tensor, ...]:
         w1, b1, w2, b2, wb, bb = params
         h = torch.addmm(b1, e, w1).view(e.size(0), self.fan_in, self.hidden)
-        return torch.matmul(h, w2) + b2, torch.addmm(bb, e, wb)
+        layer = Factored(h, w2, b2, torch.addmm(bb, e, wb))
+        return layer if factored else layer.materialize()
 
 
 class PPG(nn.Module):
@@ -111,9 +112,18 @@ class PPG(nn.Module):
             self._cache = (key, [g.mixed(p) for g, p in zip(self.generators, self.swa_p())])
         return self._cache[1]
 
-    def forward(self, summary: Tensor) -> LayerWeights:
+    def unfactor(self, layers: list[tuple[Tensor, Tensor]]) -> LayerWeights:
+        """A factored reply's ``(H, b)`` per layer (no batch axis) -> `Factored` layers with the shared
+        ``W2``, ``b2`` this model holds: what a device applies without forming ``W``."""
+        out = []
+        for (h, b), (_, _, w2, b2, _, _) in zip(layers, self._mixed_generators()):
+            out.append(Factored(h.unsqueeze(0), w2, b2, b.unsqueeze(0)))
+        return out
+
+    def forward(self, summary: Tensor, factored: bool = False) -> LayerWeights:
+        """Per-sample weights; ``factored`` keeps each layer as its `Factored` parts."""
         shared = self.neck(summary)
         return [
-            gen(lin(shared), params)
+            gen(lin(shared), params, factored)
             for gen, lin, params in zip(self.generators, self.layer_linear, self._mixed_generators())
         ]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
@@ -29,6 +31,13 @@ class ModelConfig:
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"model.dropout: must be in [0, 1), got {self.dropout!r}")
 
+    task = "recommendation"
+
+    @property
+    def name(self) -> str:
+        """The backbone's name as the results and the model version say it."""
+        return self.backbone
+
     @property
     def method(self) -> str:
         if self.ppg is None:
@@ -47,11 +56,27 @@ class RecModel(nn.Module):
     def generative(self) -> bool:
         return isinstance(self.head, PPG)
 
-    def weights_for(self, realtime: Tensor, realtime_len: Tensor) -> LayerWeights:
-        """Dynamic-layer weights: generated per sample, or the global classifier."""
+    @property
+    def dynamic_shapes(self) -> tuple[tuple[int, int], ...]:
+        return self.backbone.dynamic_shapes
+
+    def weights_for(self, realtime: Tensor, realtime_len: Tensor, factored: bool = False) -> LayerWeights:
+        """Dynamic-layer weights: generated per sample (``factored``: as `Factored` layers), or the global
+        classifier."""
         if isinstance(self.head, PPG):
-            return self.head(self.backbone.summarize(realtime, realtime_len))
+            return self.head(self.backbone.summarize(realtime, realtime_len), factored=factored)
         return self.head.layer_weights()
+
+    def realtime_batch(self, samples: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Requests' item ids -> the ``(B, L)`` left-aligned, zero-padded batch (the most recent ``L``) and lengths."""
+        length = self.backbone.history_len
+        realtime = np.zeros((len(samples), length), np.int64)
+        lengths = np.empty(len(samples), np.int64)
+        for i, items in enumerate(samples):
+            recent = items[-length:]
+            realtime[i, : len(recent)] = recent
+            lengths[i] = len(recent)
+        return torch.from_numpy(realtime), torch.from_numpy(lengths)
 
     def score(self, history: Tensor, history_len: Tensor, targets: Tensor, weights: LayerWeights) -> Tensor:
         """Logits ``(B, K)`` for K targets per sample with the given dynamic weights."""
@@ -63,6 +88,25 @@ class RecModel(nn.Module):
     ) -> Tensor:
         return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len))
 
+    # -- what a device does with this model (`devices.DeviceAgent` asks) ---------------------------
+
+    def upload(self, realtime: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
+        """What a device sends as its real-time samples: its item ids, whatever upload is configured."""
+        return np.asarray(realtime, np.int64), "items"
+
+    def score_samples(self, samples, weights: LayerWeights) -> np.ndarray:
+        """Logits of a session's samples with the given dynamic weights, flat: ``(n * K,)``, as reports carry them."""
+        from duet_bus.train import tensors
+
+        x = tensors(samples)
+        return self.score(x["history"], x["history_len"], x["targets"], weights).numpy().ravel()
+
+    def finetune(self, start: LayerWeights, recent, config) -> tuple[LayerWeights, float]:
+        """The fine-tuning baseline on the device: ``config.steps`` Adam steps, and their wall time in ms."""
+        from duet_bus.finetune import finetune_classifier
+
+        return finetune_classifier(self, start, recent, config)
+
 
 def build_model(config: ModelConfig, n_items: int, history_len: int) -> RecModel:
     backbone = make_backbone(config.backbone, n_items, history_len, config.dim, config.dropout)
@@ -71,3 +115,4 @@ def build_model(config: ModelConfig, n_items: int, history_len: int) -> RecModel
     else:
         head = PPG(backbone.dim, backbone.dynamic_shapes, config.ppg)
     return RecModel(backbone, head, config)
+

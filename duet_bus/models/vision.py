@@ -1,21 +1,26 @@
 """The vision model: MobileNetV3 static layers + a generated classifier head.
 
 The same split as `RecModel` (``umn.py``): ``weights_for`` is what the cloud
-computes from a session's real-time images (the global head for the base
+computes from a session's real-time samples (the global head for the base
 model), ``score`` what the device computes with its static layers and those
 weights. The generator is the one `PPG` (with SWA) of the recommendation
 task; only its input differs: the mean static feature of the session's
-real-time images.
+real-time images. A device may upload the images or their features (its
+static layers' output, the embedding of the paper's Table 3):
+``weights_for`` takes either.
 
 Generated heads are large (MobileNetV3-Large: 960x1280 + 1280xC, about 5 MB
-in fp32 per session), so ``weights_for`` generates at most ``chunk``
-sessions at a time and `head_bytes` says what one costs.
+in fp32 per session). Training and the offline evaluation keep them in the
+generator's factored form (`Factored`: the head is never formed); where the
+full product is asked for (the float wire encodings) ``weights_for``
+generates at most ``chunk`` sessions at a time.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -30,16 +35,24 @@ class VisionConfig:
     backbone: MobileNetConfig = MobileNetConfig()
     n_classes: int = 10
     ppg: PPGConfig | None = None  # None: the base model with a global head
+    image_size: tuple[int, int] = (28, 28)  # (H, W) the static layers take
 
     def __post_init__(self) -> None:
         if self.n_classes < 2:
             raise ConfigError(f"model.n_classes: must be at least 2, got {self.n_classes!r}")
+
+    task = "image_classification"
 
     @property
     def method(self) -> str:
         if self.ppg is None:
             return "base"
         return "duet" if self.ppg.n_generators > 1 else "duet_no_swa"
+
+    @property
+    def name(self) -> str:
+        """The backbone's name as the results and the model version say it."""
+        return self.backbone.variant
 
 
 class VisionModel(nn.Module):
@@ -55,34 +68,96 @@ class VisionModel(nn.Module):
     def generative(self) -> bool:
         return isinstance(self.head, PPG)
 
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
     def embed(self, images: Tensor) -> Tensor:
         """Static features of images ``(..., C, H, W)`` -> ``(..., feature_dim)``."""
         lead = images.shape[:-3]
         return self.backbone(images.reshape(-1, *images.shape[-3:])).view(*lead, -1)
 
     def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
-        """Mean feature of each session's real-time images ``(B, R, C, H, W)`` (the first ``len`` count)."""
-        features = self.embed(realtime)
+        """Mean feature of each session's real-time samples (the first ``len`` count).
+
+        ``realtime`` is images ``(B, R, C, H, W)`` or their features ``(B, R, feature_dim)``.
+        """
+        features = self.embed(realtime) if realtime.dim() == 5 else realtime
         mask = (torch.arange(realtime.size(1), device=realtime.device)[None, :] < realtime_len[:, None]).float()
         return (features * mask[..., None]).sum(1) / realtime_len.clamp(min=1)[:, None].float()
 
-    def weights_for(self, realtime: Tensor, realtime_len: Tensor, chunk: int = 64) -> LayerWeights:
-        """Head weights per session, generated ``chunk`` sessions at a time; or the global head."""
+    def weights_for(self, realtime: Tensor | None, realtime_len: Tensor | None, chunk: int = 64,
+                    factored: bool = False) -> LayerWeights:
+        """Head weights per session (full, ``chunk`` sessions at a time, or factored); or the global head."""
         if not isinstance(self.head, PPG):
             return self.head.layer_weights()
+        if factored:
+            return self.head(self.summarize(realtime, realtime_len), factored=True)
         parts = [self.head(self.summarize(realtime[i: i + chunk], realtime_len[i: i + chunk]))
                  for i in range(0, realtime.size(0), chunk)]
         return [(torch.cat([p[n][0] for p in parts]), torch.cat([p[n][1] for p in parts]))
                 for n in range(len(self.dynamic_shapes))]
 
+    def realtime_batch(self, samples: list[np.ndarray]) -> tuple[Tensor, Tensor]:
+        """Requests' images ``(R, C, H, W)`` or embeddings ``(R, F)`` -> one zero-padded batch and lengths."""
+        longest = max(len(s) for s in samples)
+        batch = np.zeros((len(samples), longest, *samples[0].shape[1:]), np.float32)
+        for i, sample in enumerate(samples):
+            batch[i, : len(sample)] = sample
+        return torch.from_numpy(batch), torch.tensor([len(s) for s in samples])
+
     def score(self, images: Tensor, weights: LayerWeights) -> Tensor:
         """Class logits ``(B, K, classes)`` for ``K`` images per session ``(B, K, C, H, W)``."""
         return apply_dynamic(self.embed(images), weights)
 
-    def forward(self, images: Tensor, realtime: Tensor, realtime_len: Tensor) -> Tensor:
-        return self.score(images, self.weights_for(realtime, realtime_len))
+    def forward(self, images: Tensor, realtime: int) -> Tensor:
+        """Logits ``(B, S, classes)`` of whole sessions ``(B, S, C, H, W)`` (training).
+
+        One backbone pass over every image; the head is generated (factored)
+        from the features of each session's first ``realtime`` images and
+        applied to all ``S``. The base model ignores ``realtime``.
+        """
+        features = self.embed(images)
+        if not isinstance(self.head, PPG):
+            return apply_dynamic(features, self.head.layer_weights())
+        lengths = torch.full((images.size(0),), realtime, dtype=torch.long)
+        weights = self.head(self.summarize(features[:, :realtime], lengths), factored=True)
+        return apply_dynamic(features, weights)
+
+
+    # -- what a device does with this model (`devices.DeviceAgent` asks) -------------------------------
+
+    def upload(self, realtime: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
+        """The images themselves, or (``kind`` embeddings) their static features computed on the device."""
+        if kind != "embeddings":
+            return np.asarray(realtime, np.float32), "images"
+        with torch.inference_mode():
+            return self.embed(torch.from_numpy(np.asarray(realtime, np.float32))).numpy(), "embeddings"
+
+    def score_samples(self, samples, weights: LayerWeights) -> np.ndarray:
+        """Class logits ``(K, classes)`` of a session's images with the given head."""
+        return self.score(torch.from_numpy(samples.images)[None], weights)[0].numpy()
+
+    def finetune(self, start: LayerWeights, recent, config) -> tuple[LayerWeights, float]:
+        """The fine-tuning baseline on the device: Adam steps of the head on its labelled recent images
+        (cross-entropy), and their wall time in ms (the backbone forward of those images included)."""
+        import time
+
+        from duet_bus.finetune import adam_steps
+
+        begin = time.perf_counter()
+        with torch.no_grad():
+            features = self.embed(torch.from_numpy(recent.images))
+        target = torch.from_numpy(recent.labels)
+        weights = adam_steps(start, features, lambda logits: nn.functional.cross_entropy(logits, target), config)
+        return weights, (time.perf_counter() - begin) * 1000
 
 
 def head_bytes(shapes: tuple[tuple[int, int], ...], itemsize: int = 4) -> int:
     """Bytes of one session's head on the wire, before msgpack framing (the paper's download)."""
     return sum((i * o + o) * itemsize for i, o in shapes)
+
+
+def factor_bytes(shapes: tuple[tuple[int, int], ...], hidden: int, itemsize: int = 4) -> int:
+    """Bytes of one session's head in the factored encoding: ``H`` (in x hidden) and ``b`` per layer."""
+    return sum((i * hidden + o) * itemsize for i, o in shapes)

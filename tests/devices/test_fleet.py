@@ -56,7 +56,7 @@ async def test_duplicate_and_foreign_replies_are_dropped(duet_checkpoint, tiny_s
 
 async def test_device_finetune_matches_the_offline_baseline(tiny_shared, tmp_path):
     from duet_bus import checkpoint
-    from duet_bus.evaluate import finetune_scores
+    from duet_bus.tasks.recommendation import finetune_scores
     from duet_bus.finetune import FinetuneConfig
     from duet_bus.models import ModelConfig
     from duet_bus.train import TrainConfig, train_model

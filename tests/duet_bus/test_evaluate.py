@@ -4,7 +4,8 @@ import numpy as np
 
 from duet_bus.cli import main
 from duet_bus.data.prep import PrepConfig
-from duet_bus.evaluate import EvalConfig, evaluate, finetune_scores
+from duet_bus.evaluate import EvalConfig, evaluate
+from duet_bus.tasks.recommendation import finetune_scores
 from duet_bus.finetune import FinetuneConfig
 from duet_bus.models import ModelConfig
 from duet_bus.train import TrainConfig, predict, train_model
@@ -50,7 +51,7 @@ def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys)
 
 
 def test_flops_count_the_transformer_layer(tiny):
-    from duet_bus.evaluate import device_cost
+    from duet_bus.tasks.recommendation import device_cost
     from duet_bus.models import build_model
 
     sasrec = device_cost(build_model(ModelConfig(backbone="sasrec"), tiny.n_items, 5), tiny)

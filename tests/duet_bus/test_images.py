@@ -1,7 +1,5 @@
 """The vision task's data and backbone: idx files, device partitions, cameras, MobileNetV3."""
 
-import gzip
-
 import numpy as np
 import pytest
 import torch
@@ -10,19 +8,7 @@ from duet_bus.data.images import (Camera, dirichlet_partition, fashion_mnist_fol
                                   rotate)
 from duet_bus.errors import DataError
 from duet_bus.models.mobilenetv3 import MobileNetConfig, MobileNetV3
-
-
-def write_idx(path, array: np.ndarray, compress: bool = True) -> None:
-    code = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}[array.dtype]
-    data = bytes([0, 0, code, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    path.write_bytes(gzip.compress(data) if compress else data)
-
-
-def write_fashion(folder, n_train: int = 30, n_test: int = 10) -> None:
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", (np.arange(n) % 10).astype(np.uint8), compress=False)
+from duet_bus.testing import write_fashion, write_idx
 
 
 def test_idx_files_gzip_or_not(tmp_path):

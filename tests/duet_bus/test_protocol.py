@@ -71,6 +71,63 @@ def test_model_checks():
         protocol.check_weights(reply, spec)
 
 
+VISION = ModelSpec("v1", n_items=0, realtime_len=2, layer_shapes=((6, 8), (8, 3)),
+                   realtime_kinds=(("images", (1, 4, 4)), ("embeddings", (6,))), factor_hidden=2)
+
+
+@pytest.mark.parametrize("kind, realtime", [
+    ("images", np.random.default_rng(0).random((2, 1, 4, 4), dtype=np.float32)),
+    ("embeddings", np.random.default_rng(0).standard_normal((1, 6)).astype(np.float32)),
+])
+def test_image_and_embedding_uploads_round_trip(kind, realtime):
+    event = start(model_version="v1", realtime=realtime, realtime_kind=kind)
+    back = protocol.decode(protocol.encode(event))
+    assert back.realtime_kind == kind and np.array_equal(back.realtime, realtime)
+    protocol.check_session_start(back, VISION)
+
+
+@pytest.mark.parametrize("kind, realtime, reason", [
+    ("images", np.zeros((2, 1, 5, 4), np.float32), r"realtime: one sample of images has shape \(1, 5, 4\), the model "
+                                                   r"takes \(1, 4, 4\)"),
+    ("images", np.zeros((3, 1, 4, 4), np.float32), "realtime: 3 samples exceed the model's 2"),
+    ("embeddings", np.zeros((1, 7), np.float32), r"realtime: one sample of embeddings has shape \(7,\)"),
+    ("items", np.array([1, 2]), "realtime_kind: items is not what v1 takes"),
+])
+def test_uploads_that_do_not_fit_the_model_are_named(kind, realtime, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.check_session_start(start(model_version="v1", realtime=realtime, realtime_kind=kind), VISION)
+
+
+@pytest.mark.parametrize("kind, realtime, reason", [
+    ("images", {"dtype": "int64", "shape": [1, 1, 4, 4], "data": b"\0" * 128}, "images must be float32 or float16"),
+    ("images", {"dtype": "float32", "shape": [1, 16], "data": b"\0" * 64}, r"images must be \(R, C, H, W\)"),
+    ("images", {"dtype": "float32", "shape": [1, 1, 1, 1], "data": np.array([np.nan], np.float32).tobytes()},
+     "realtime: contains NaN"),
+    ("embeddings", {"dtype": "float32", "shape": [0, 6], "data": b""}, "with 1..1024 samples"),
+    ("pixels", {"dtype": "float32", "shape": [1, 6], "data": b"\0" * 24}, "realtime_kind: 'pixels' is not one of"),
+])
+def test_malformed_image_payloads_are_named(kind, realtime, reason):
+    good = msgpack.unpackb(protocol.encode(start()))
+    with pytest.raises(ProtocolError, match=reason):
+        protocol.decode(msgpack.packb({**good, "realtime_kind": kind, "realtime": realtime}))
+
+
+def test_factored_replies_are_checked_against_the_generator():
+    layers = [(np.zeros((6, 2), np.float32), np.zeros(8, np.float32)), (np.zeros((8, 2), np.float32),
+                                                                        np.zeros(3, np.float32))]
+    reply = WeightsReady("s1", "r1", "d1", "v1", "duet", layers, 1.0, 2.0, 0.3, 1, form="factored")
+    back = protocol.decode(protocol.encode(reply))
+    assert back.form == "factored"
+    protocol.check_weights(back, VISION)
+    with pytest.raises(ProtocolError, match="layers: shapes"):
+        protocol.check_weights(WeightsReady(**{**reply.__dict__, "form": "full"}), VISION)
+    with pytest.raises(ProtocolError, match="form: .* no generator factors"):
+        protocol.check_weights(back, ModelSpec("v1", 0, 2, ((6, 8), (8, 3))))
+    body = msgpack.unpackb(protocol.encode(reply))
+    with pytest.raises(ProtocolError, match="form: 'half' is not one of full, factored"):
+        protocol.decode(msgpack.packb({**body, "form": "half"}))
+
+
 def test_tensor_codec_rejects_lies():
     enc = tensors.encode(np.arange(6, dtype=np.int64).reshape(2, 3))
     assert np.array_equal(tensors.decode(enc, 100), np.arange(6).reshape(2, 3))
@@ -84,8 +141,8 @@ def test_tensor_codec_rejects_lies():
 
 def test_strict_where_the_doc_is_strict():
     good = msgpack.unpackb(protocol.encode(start()))
-    for version in (2.0, True, "2"):
-        with pytest.raises(ProtocolError, match=r"v: schema version .* \(expected the integer 2\)"):
+    for version in (3.0, True, "3", 2):
+        with pytest.raises(ProtocolError, match=r"v: schema version .* \(expected the integer 3\)"):
             protocol.decode(msgpack.packb({**good, "v": version}))
     # A number field takes an int: many msgpack encoders write 2.0 as 2 (the doc says "number").
     assert protocol.decode(msgpack.packb({**good, "sent_at": 2})).sent_at == 2.0
@@ -123,6 +180,7 @@ _msgpack_values = st.recursive(
     max_leaves=20,
 )
 _fields = st.sampled_from(["v", "type", "session_id", "request_id", "device_id", "model_version", "realtime",
+                           "realtime_kind", "form",
                            "reply_topic", "reply_partition", "sent_at", "layers", "scores", "labels"])
 
 
@@ -146,12 +204,13 @@ def test_fuzz_one_field_of_a_valid_event_replaced(field, value, kind):
         assert exc.field  # always names what was wrong
 
 
-def test_hostile_records_never_escape_the_decoder():
+@pytest.mark.parametrize("image_shape", [None, (1, 4, 4)])
+def test_hostile_records_never_escape_the_decoder(image_shape):
     from duet_bus.testing import hostile_records
 
     outcomes = {"ok": 0, "refused": 0}
     for record in hostile_records(3000, seed=1, model_version="m1", reply_topic="duet.weights", n_items=50,
-                                  realtime_len=10):
+                                  realtime_len=10, image_shape=image_shape):
         try:
             protocol.decode(record)
             outcomes["ok"] += 1
@@ -164,3 +223,7 @@ def test_model_info_round_trips():
     info = protocol.ModelInfo("m1", "duet", "gru4rec", 1682, 10, [[32, 32], [32, 32]], "float16", "duet.sessions",
                               ["duet.weights"], 1.0)
     assert protocol.decode(protocol.encode(info)) == info
+    vision = protocol.ModelInfo("v1", "duet", "mobilenetv3_small", 0, 2, [[576, 1024], [1024, 10]], "factored",
+                                "duet.sessions", ["duet.weights"], 1.0, "image_classification",
+                                {"images": [1, 28, 28], "embeddings": [576]})
+    assert protocol.decode(protocol.encode(vision)) == vision

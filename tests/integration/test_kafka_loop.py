@@ -86,7 +86,7 @@ async def test_bad_events_go_to_the_dead_letter_topic_and_service_goes_on(
     stop, task = await running(service)
     good = offline_test_sessions(tiny_shared)[0]
     base = {"v": protocol.SCHEMA_VERSION, "type": "session_start", "session_id": "s", "request_id": "r",
-            "device_id": "d",
+            "device_id": "d", "realtime_kind": "items",
             "model_version": duet_checkpoint.model_version, "reply_topic": kafka_topics.weights,
             "reply_partition": 0, "sent_at": 1.0}
     nan = np.array([1.0, np.nan], np.float32)

@@ -10,8 +10,8 @@ import numpy as np
 from cloud import CloudConfig, GeneratorService
 
 
-
-def _outside_client(bootstrap: str, topics, items: list[int], partition: int) -> tuple[dict, dict, list]:
+def _outside_client(bootstrap: str, topics, realtime: np.ndarray, kind: str, partition: int
+                    ) -> tuple[dict, dict, list]:
     """What docs/protocol.md tells a stranger to do; runs in a thread (kafka-python blocks)."""
     from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
@@ -26,11 +26,11 @@ def _outside_client(bootstrap: str, topics, items: list[int], partition: int) ->
     replies.seek_to_end()
     producer = KafkaProducer(bootstrap_servers=bootstrap)
     request_id = secrets.token_hex(16)
-    realtime = np.array(items, "<i8")
     producer.send(topics.sessions, key=b"outside-device", value=msgpack.packb({
-        "v": 2, "type": "session_start", "session_id": "outside-1", "request_id": request_id,
-        "device_id": "outside-device", "model_version": info["model_version"],
-        "realtime": {"dtype": "int64", "shape": [len(realtime)], "data": realtime.tobytes()},
+        "v": 3, "type": "session_start", "session_id": "outside-1", "request_id": request_id,
+        "device_id": "outside-device", "model_version": info["model_version"], "realtime_kind": kind,
+        "realtime": {"dtype": realtime.dtype.name, "shape": list(realtime.shape),
+                     "data": realtime.astype(realtime.dtype.newbyteorder("<")).tobytes()},
         "reply_topic": topics.weights, "reply_partition": partition, "sent_at": int(time.time())}))
     producer.flush(10)
     producer.close()
@@ -45,24 +45,45 @@ def _outside_client(bootstrap: str, topics, items: list[int], partition: int) ->
     return info, reply, others
 
 
-async def test_a_kafka_python_client_learns_the_model_and_gets_its_weights(kafka_bus, kafka_topics,
-                                                                          duet_checkpoint, kafka_bootstrap):
-    service = GeneratorService(kafka_bus, [duet_checkpoint], CloudConfig(topics=kafka_topics))
+async def _ask(kafka_bus, kafka_topics, kafka_bootstrap, checkpoint, realtime, kind, encoding="float32"):
+    service = GeneratorService(kafka_bus, [checkpoint], CloudConfig(topics=kafka_topics, weight_encoding=encoding))
     await service.start()
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     try:
-        info, reply, _ = await asyncio.wait_for(asyncio.to_thread(
-            _outside_client, kafka_bootstrap, kafka_topics, [3, 1, 4, 1, 5], 2), 60)
+        return await asyncio.wait_for(asyncio.to_thread(
+            _outside_client, kafka_bootstrap, kafka_topics, realtime, kind, 2), 60)
     finally:
         stop.set()
         await asyncio.wait_for(task, 10)
         await service.stop()
+
+
+async def test_a_kafka_python_client_learns_the_model_and_gets_its_weights(kafka_bus, kafka_topics,
+                                                                          duet_checkpoint, kafka_bootstrap):
+    info, reply, _ = await _ask(kafka_bus, kafka_topics, kafka_bootstrap, duet_checkpoint,
+                                np.array([3, 1, 4, 1, 5], np.int64), "items")
     spec = duet_checkpoint.spec
     assert info["model_version"] == spec.model_version and info["n_items"] == spec.n_items
+    assert info["task"] == "recommendation" and info["realtime_kinds"] == {"items": []}
     assert reply is not None, "no reply carried the client's request_id"
-    assert reply["v"] == 2 and reply["session_id"] == "outside-1"
+    assert reply["v"] == 3 and reply["session_id"] == "outside-1" and reply["form"] == "full"
     shapes = [tuple(layer["w"]["shape"]) for layer in reply["layers"]]
     assert shapes == [tuple(s) for s in info["layer_shapes"]] == list(spec.layer_shapes)
     w = np.frombuffer(reply["layers"][0]["w"]["data"], "<f4").reshape(shapes[0])
     assert np.isfinite(w).all()
+
+
+async def test_a_kafka_python_client_uploads_images_and_gets_a_factored_head(kafka_bus, kafka_topics,
+                                                                            vision_checkpoint, kafka_bootstrap):
+    spec = vision_checkpoint.spec
+    image_shape = dict(spec.realtime_kinds)["images"]
+    images = np.random.default_rng(0).random((2, *image_shape), dtype=np.float32)
+    info, reply, _ = await _ask(kafka_bus, kafka_topics, kafka_bootstrap, vision_checkpoint, images, "images",
+                                "factored")
+    assert info["task"] == "image_classification" and info["weight_encoding"] == "factored"
+    assert info["realtime_kinds"]["images"] == list(image_shape)
+    assert reply is not None and reply["form"] == "factored"
+    # The factor H of each layer is (in, h): far smaller than the (in, out) head.
+    assert [tuple(layer["w"]["shape"]) for layer in reply["layers"]] == [
+        (i, spec.factor_hidden) for i, _ in spec.layer_shapes]
