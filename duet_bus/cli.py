@@ -97,20 +97,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from duet_bus import checkpoint
-    from duet_bus.data import load_dataset, prepare
-    from duet_bus.tasks.recommendation import model_config
-    from duet_bus.train import train_model
+    from duet_bus.train import progress_bar
 
     config = _eval_config(args)
-    data = load_dataset(config.dataset, config.data_path)
-    prepared = prepare(data, config.prep, seed=args.seed)
-    result = train_model(prepared, model_config(config, args.method), config.train, args.seed, label=args.method)
-    version = checkpoint.save(args.out, result.model, prepared)
-    console.print(
-        f"{args.method} on {config.dataset}/{config.backbone}: best validation AUC "
-        f"{result.best_valid_auc:.4f} at epoch {result.best_epoch}; saved {args.out} (model version {version})"
-    )
-    head = result.model.head
+    task = config.task
+    prepared = task.prepare(config, args.seed)
+    with progress_bar() as progress:
+        model, summary, _ = task.train(config, prepared, args.method, args.seed, progress)
+    version = checkpoint.save(args.out, model, prepared)
+    best = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("valid_"))
+    console.print(f"{args.method} on {config.dataset}/{config.backbone}: best {best} at epoch "
+                  f"{summary['best_epoch']}; saved {args.out} (model version {version})")
+    head = model.head
     if getattr(head, "config", None) is not None and head.config.n_generators > 1:
         import torch
 
@@ -250,7 +248,7 @@ def cmd_info(args: argparse.Namespace) -> int:
     ckpt = checkpoint.load(args.checkpoint)
     info = asdict(GeneratorService(None, [ckpt], CloudConfig(weight_encoding=args.weight_encoding)).model_info(ckpt))
     info.pop("at")
-    info["history_len"] = ckpt.prep.history_len
+    info["factor_hidden"] = ckpt.spec.factor_hidden  # h: the factored form's H is (in, h)
     console.print_json(json.dumps(info))
     return 0
 
@@ -263,26 +261,22 @@ def cmd_devices(args: argparse.Namespace) -> int:
     from devices import DeviceAgent, Fleet, FleetConfig
     from duet_bus import checkpoint
     from duet_bus.bus import KafkaBus
-    from duet_bus.data import load_dataset, prepare
-    from duet_bus.data.streams import offline_test_sessions
-    from duet_bus.metrics import auc
+    from duet_bus.tasks import task_named
 
     bootstrap = _bootstrap(args)
     if not bootstrap:
         raise DuetError(f"duet devices: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
     security = _security(args)
     ckpt = checkpoint.load(args.checkpoint)
-    prepared = prepare(load_dataset(ckpt.dataset, args.data_path), ckpt.prep, seed=args.seed)
-    if not 1 <= args.count <= prepared.n_users:
-        raise DuetError(f"--count: must be in 1..{prepared.n_users}, got {args.count}")
-    sessions = offline_test_sessions(prepared, np.arange(args.count))
+    task = task_named(ckpt.task)
+    sessions = task.test_sessions(ckpt, args.data_path, args.seed, args.count)
 
     async def run() -> tuple[list, object]:
         bus = KafkaBus(bootstrap, security=security)
         await bus.start()
         try:
             fleet = Fleet(bus, FleetConfig(fleet_id=args.fleet_id, reply_partition=args.reply_partition,
-                                           deadline_s=args.deadline))
+                                           deadline_s=args.deadline, upload=args.upload))
             await fleet.start()
             try:
                 agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
@@ -295,11 +289,13 @@ def cmd_devices(args: argparse.Namespace) -> int:
     reports, stats = asyncio.run(run())
     rtt = [r.delay_ms["round_trip_ms"] for r in reports if "round_trip_ms" in r.delay_ms]
     fallbacks = sum(r.fallback for r in reports)
-    labels = np.stack([r.labels for r in reports])
-    scores = np.stack([r.scores for r in reports])
-    console.print(f"{len(reports)} sessions ({ckpt.model_version}): AUC {auc(labels, scores):.4f}, "
-                  f"fallbacks {fallbacks}" + (f", round trip p50 {np.percentile(rtt, 50):.2f} ms "
-                                              f"p99 {np.percentile(rtt, 99):.2f} ms" if rtt else "")
+    metrics = task.pooled_metrics([r.scores for r in reports], [r.labels for r in reports])
+    shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+    download = [r.payload_bytes["download"] for r in reports if "download" in r.payload_bytes]
+    console.print(f"{len(reports)} sessions ({ckpt.model_version}): {shown}, fallbacks {fallbacks}"
+                  + (f", round trip p50 {np.percentile(rtt, 50):.2f} ms p99 {np.percentile(rtt, 99):.2f} ms"
+                     if rtt else "")
+                  + (f", reply {np.median(download) / 1e3:.1f} kB" if download else "")
                   + f"; replies dropped: {stats.dropped_duplicates} duplicate or late, {stats.dropped_foreign} "
                     f"not ours, {stats.invalid_replies} invalid")
     return 0
@@ -416,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one model and save a checkpoint for the cloud service")
     _add_data_args(p)
-    p.add_argument("--method", default="duet", choices=["base", "duet_no_swa", "duet"])
+    p.add_argument("--method", default="duet", help="base, duet_no_swa, duet or duet_npK")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint file to write")
     p.set_defaults(func=cmd_train, seeds=1)
@@ -432,7 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a batch may wait to fill after its first event (default 0: take what has arrived)")
-    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8", "factored"],
+                   help="factored: the generator's per-session factor H, the device holds W2 and b2")
     p.add_argument("--reply-topic", action="append", dest="reply_topics",
                    help="a topic requests may name as reply_topic (repeatable; default: duet.weights only)")
     _add_security_args(p)
@@ -440,13 +437,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a checkpoint serves: model version, item ids, L, layer shapes (as JSON)")
     p.add_argument("checkpoint")
-    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8"])
+    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8", "factored"])
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")
     p.add_argument("--bootstrap", help=f"Kafka bootstrap servers (or ${BOOTSTRAP_ENV})")
     p.add_argument("--checkpoint", required=True, help="the checkpoint whose static layers the devices hold")
-    p.add_argument("--data-path", help="dataset file, if the checkpoint's dataset is not bundled")
+    p.add_argument("--data-path", help="dataset file or folder, if the checkpoint's dataset is not bundled")
+    p.add_argument("--upload", default="samples", choices=["samples", "embeddings"],
+                   help="real-time samples as they are, or (image models) their static-layer features")
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fleet-id", default="fleet-0")

@@ -132,6 +132,14 @@ class Task:
         """What the checkpoint's model accepts and produces on the wire."""
         raise NotImplementedError
 
+    def test_sessions(self, checkpoint: Any, data_path: str | None, seed: int, count: int) -> list:
+        """``count`` offline test sessions (`DeviceSession`) of the checkpoint's data, one per device."""
+        raise NotImplementedError
+
+    def pooled_metrics(self, scores: list, labels: list) -> dict[str, float]:
+        """The task's metrics over many sessions' reported scores and labels together."""
+        raise NotImplementedError
+
     def source(self, config: "EvalConfig") -> str:
         """Where the data came from, for the results document."""
         raise NotImplementedError

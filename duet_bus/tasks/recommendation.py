@@ -24,7 +24,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from duet_bus.data import load_dataset, prepare
 from duet_bus.data.prep import Prepared, PrepConfig
 from duet_bus.finetune import FinetuneConfig, finetune_classifier
-from duet_bus.metrics import ranking_metrics
+from duet_bus.data.streams import offline_test_sessions
+from duet_bus.errors import ConfigError
+from duet_bus.metrics import auc, ranking_metrics
 from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
 from duet_bus.protocol import ModelSpec
 from duet_bus.tasks.base import Task, generators, register_task
@@ -153,3 +155,12 @@ class Recommendation(Task):
         return ModelSpec(checkpoint.model_version, checkpoint.n_items, checkpoint.prep.history_len,
                          tuple(model.backbone.dynamic_shapes), (("items", ()),),
                          model.config.ppg.hidden_dim if model.generative else 0)
+
+    def test_sessions(self, checkpoint, data_path: str | None, seed: int, count: int) -> list:
+        prepared = prepare(load_dataset(checkpoint.dataset, data_path), checkpoint.prep, seed=seed)
+        if not 1 <= count <= prepared.n_users:
+            raise ConfigError(f"--count: must be in 1..{prepared.n_users}, got {count}")
+        return offline_test_sessions(prepared, np.arange(count))
+
+    def pooled_metrics(self, scores: list, labels: list) -> dict[str, float]:
+        return {"auc": auc(np.concatenate(labels), np.concatenate(scores))}

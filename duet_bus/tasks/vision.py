@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from duet_bus.data.images import ImagePrepConfig, ImageSamples, PreparedImages, load_fashion_mnist, prepare_images
+from duet_bus.errors import ConfigError
 from duet_bus.metrics import classification_metrics
 from duet_bus.models import PPGConfig
 from duet_bus.models.dynamic import apply_dynamic
@@ -252,3 +253,16 @@ class ImageClassification(Task):
         return ModelSpec(checkpoint.model_version, 0, prep.realtime, tuple(model.dynamic_shapes),
                          (("images", shape), ("embeddings", (model.feature_dim,))),
                          model.config.ppg.hidden_dim if model.generative else 0)
+
+    def test_sessions(self, checkpoint, data_path: str | None, seed: int, count: int) -> list:
+        prepared = prepare_images(load_fashion_mnist(data_path), checkpoint.prep, seed)
+        test = prepared.split("test")
+        # One session per device first (the first test session of each), then the devices' later ones.
+        order = np.concatenate([test[np.unique(prepared.session_device[test], return_index=True)[1]], test])
+        chosen = list(dict.fromkeys(order.tolist()))
+        if not 1 <= count <= len(chosen):
+            raise ConfigError(f"--count: must be in 1..{len(chosen)}, got {count}")
+        return prepared.device_sessions(np.array(chosen[:count]), recent=10)
+
+    def pooled_metrics(self, scores: list, labels: list) -> dict[str, float]:
+        return classification_metrics(np.concatenate(scores), np.concatenate(labels).astype(np.int64))
