@@ -205,7 +205,15 @@ def cmd_cloud(args: argparse.Namespace) -> int:
         await bus.start()
         service = GeneratorService(bus, models, config)
         try:
-            await service.start()
+            # A stop signal while joining (the broker slow to answer) ends the command too.
+            starting, stopping = asyncio.create_task(service.start()), asyncio.create_task(stop.wait())
+            await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            if not starting.done():
+                starting.cancel()
+                console.print("stopped before serving")
+                return
+            starting.result()
             console.print(f"cloud worker in group {config.group_id!r} serving "
                           f"{', '.join(m.model_version for m in models)} on {bootstrap} (replies only to "
                           f"{', '.join(config.allowed_reply_topics)}; what it serves is on {config.topics.models})")

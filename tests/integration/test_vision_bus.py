@@ -87,6 +87,8 @@ def test_the_commands_train_describe_serve_and_run_an_image_model(fashion_shared
     import signal
     import subprocess
     import sys
+    import threading
+    import time
 
     from duet_bus.cli import main
 
@@ -102,13 +104,19 @@ def test_the_commands_train_describe_serve_and_run_an_image_model(fashion_shared
     cloud = subprocess.Popen([*duet, "cloud", "--bootstrap", kafka_bootstrap, "--checkpoint", str(ckpt),
                               "--weight-encoding", "factored", "--group", f"vision-{os.getpid()}"],
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(iter(cloud.stdout.readline, "")), daemon=True).start()
     try:
+        deadline = time.monotonic() + 60
+        while not any("partitions of duet.sessions: 0" in line for line in lines) and time.monotonic() < deadline:
+            time.sleep(0.1)
         run = subprocess.run([*duet, "devices", "--bootstrap", kafka_bootstrap, "--checkpoint", str(ckpt),
                               "--data-path", str(fashion_shared), "--count", "6", "--upload", "embeddings",
                               "--deadline", "20", "--fleet-id", f"vision-{os.getpid()}"],
                              capture_output=True, text=True, timeout=120)
     finally:
         cloud.send_signal(signal.SIGTERM)
-        cloud.wait(30)
+        code = cloud.wait(30)
+    assert code == 0, lines
     assert run.returncode == 0, run.stderr
     assert "6 sessions" in run.stdout and "accuracy" in run.stdout and "fallbacks 0" in run.stdout
