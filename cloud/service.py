@@ -102,6 +102,12 @@ class GeneratorService:
         self.bus = bus
         self.config = config or CloudConfig()
         self.models = {c.model_version: c for c in checkpoints}
+        for c in checkpoints:
+            size = reply_size(c.spec, self.config.weight_encoding)
+            if size > protocol.MAX_MESSAGE_BYTES:
+                raise ConfigError(f"cloud.weight_encoding: a {c.model_version} reply in {self.config.weight_encoding} "
+                                  f"is {size / 1e6:.2f} MB, over the {protocol.MAX_MESSAGE_BYTES / 2**20:.0f} MiB "
+                                  f"message limit; use float16, int8 or factored")
         self.stats = CloudStats()
         self.consumer = None
         self._partitions: dict[str, int] = {}  # reply topic -> partition count
@@ -334,6 +340,13 @@ class GeneratorService:
         self.stats.internal_errors += 1
         log.error("internal error on %s[%d]@%d", record.topic, record.partition, record.offset, exc_info=exc)
         return self._dead_letter(record, f"internal error: {_name(exc)}: {exc}"[:500])
+
+
+def reply_size(spec: protocol.ModelSpec, encoding: str) -> int:
+    """Bytes of one reply's arrays in a weight encoding (framing aside): what must fit in a message."""
+    itemsize = {"float32": 4, "float16": 2, "int8": 1, "factored": 4}[encoding]
+    shapes = protocol.expected_shapes(spec, "factored" if encoding == "factored" else "full")
+    return sum((i * o) * itemsize + out * itemsize for (i, o), (_, out) in zip(shapes, spec.layer_shapes))
 
 
 def _name(exc: BaseException) -> str:

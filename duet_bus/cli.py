@@ -380,9 +380,21 @@ class _Ticker:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from duet_bus.report import rerender, run_table
+    from duet_bus.report import plot_training, rerender, run_table, swa_sweep, table1, table4
 
     out = Path(args.run_dir)
+    if out.is_file():  # a `duet evaluate --out` document
+        try:
+            doc = json.loads(out.read_text())
+            doc["methods"], doc["seeds"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DuetError(f"{out}: not a results document of `duet evaluate` ({exc})") from exc
+        console.print(table1(doc))
+        if len(swa_sweep(doc)) > 1:
+            console.print(table4(doc))
+        if doc.get("curves"):
+            console.print(f"training curves: {plot_training(out.with_suffix('.png'), doc)}")
+        return 0
     doc = rerender(out)
     console.print(run_table(doc))
     console.print(f"re-rendered {out}/results.json and plots: {', '.join(sorted(p.name for p in out.glob('*.png')))}")
@@ -405,8 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("report", help="re-render the table and plots of a run folder")
-    p.add_argument("run_dir")
+    p = sub.add_parser("report", help="re-render the table and plots of a run folder, or the tables and training "
+                                      "curves of a `duet evaluate --out` document")
+    p.add_argument("run_dir", help="a run folder, or a results JSON of `duet evaluate`")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("evaluate", help="compare base, finetune, duet_no_swa and duet offline (Tables 1, 2, 4)")

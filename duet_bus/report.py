@@ -73,6 +73,66 @@ def table1(doc: dict) -> Table:
     return table
 
 
+def swa_sweep(doc: dict) -> list[tuple[int, str]]:
+    """The generative methods of an evaluation, by their ``N_p``, smallest first."""
+    return sorted((m["generators"], name) for name, m in doc["methods"].items() if m.get("generators"))
+
+
+def table4(doc: dict) -> Table:
+    """The paper's Table 4: the primary metric and its seed-to-seed std for base and each ``N_p``."""
+    primary = doc.get("primary", "auc")
+    name = _METRIC_NAMES.get(primary, primary)
+    seeds = len(doc["seeds"])
+    table = Table(title=f"{doc['dataset']} / {doc['backbone']}: effect of N_p, {seeds} seeds (mean, sample std)")
+    for column in ("Method", "N_p", f"{name} mean", f"{name} std", "best epoch (mean)"):
+        table.add_column(column, justify="left" if column == "Method" else "right")
+    rows = [(None, "base")] + swa_sweep(doc) if "base" in doc["methods"] else swa_sweep(doc)
+    for n_p, method in rows:
+        m = doc["methods"][method]
+        epochs = [t["best_epoch"] for t in doc.get("training", {}).get(method, [])]
+        table.add_row(label(method) if n_p is None else "DUET" if n_p > 1 else "DUET (w/o SWA)",
+                      "-" if n_p is None else str(n_p), f"{m[f'{primary}_mean']:.4f}", f"{m[f'{primary}_std']:.4f}",
+                      f"{np.mean(epochs):.1f}" if epochs else "")
+    return table
+
+
+def plot_training(path: Path, doc: dict) -> Path:
+    """The paper's Figure 3: training accuracy (or validation score) and loss per epoch for base and each
+    ``N_p``, mean over seeds with the min-max band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = doc.get("curves", {})
+    score = "train_accuracy" if any("train_accuracy" in e for c in curves.values() for r in c for e in r["epochs"]) \
+        else "valid_auc"
+    methods = [m for m in ["base", *(m for _, m in swa_sweep(doc))] if m in curves]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in methods:
+        runs = [r["epochs"] for r in curves[method]]
+        length = min(len(r) for r in runs)
+        n_p = doc["methods"].get(method, {}).get("generators")
+        name = "Base (no DMG)" if method == "base" else f"N_p = {n_p}"
+        for ax, key in zip(axes, (score, "loss")):
+            values = np.array([[e[key] for e in r[:length]] for r in runs])
+            x = np.arange(1, length + 1)
+            line, = ax.plot(x, values.mean(0), marker="o", label=name)
+            ax.fill_between(x, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    axes[0].set_ylabel(score.replace("_", " "))
+    axes[1].set_ylabel("training loss")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"{doc['dataset']} / {doc['backbone']}: training per epoch, mean over {len(doc['seeds'])} seeds "
+                 f"(band: min-max)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 # -- scenario runs ---------------------------------------------------------------------------------
 
 MEASURED = ("bus_ms", "cloud_ms", "generation_ms", "finetune_ms", "compute_ms")

@@ -163,3 +163,21 @@ async def test_the_worker_announces_what_it_serves(duet_checkpoint):
                                                                      spec.realtime_len)
     assert [tuple(s) for s in info.layer_shapes] == list(spec.layer_shapes)
     assert info.reply_topics == ["duet.weights"] and info.weight_encoding == "float16"
+
+
+def test_a_head_too_large_for_one_message_is_refused_with_the_encodings_that_fit(vision_checkpoint):
+    from dataclasses import fields, replace
+
+    from duet_bus.checkpoint import Checkpoint
+    from duet_bus.errors import ConfigError
+
+    class Large(Checkpoint):  # the head of MobileNetV3-Large, 960 x 1280 x 10: 4.97 MB in float32
+        @property
+        def spec(self):
+            return replace(super().spec, layer_shapes=((960, 1280), (1280, 10)))
+
+    big = Large(**{f.name: getattr(vision_checkpoint, f.name) for f in fields(Checkpoint)})
+    with pytest.raises(ConfigError, match="float32 is 4.97 MB, over the 4 MiB message limit; use float16"):
+        GeneratorService(MemoryBus(), [big], CloudConfig())
+    for encoding in ("float16", "int8", "factored"):
+        GeneratorService(MemoryBus(), [big], CloudConfig(weight_encoding=encoding))

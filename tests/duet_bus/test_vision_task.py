@@ -96,6 +96,11 @@ def test_cli_evaluate_on_images_and_its_mistakes(fashion, tmp_path, capsys):
     assert code == 0
     assert "Accuracy mean" in capsys.readouterr().out
     assert set(json.loads(out.read_text())["methods"]) == {"base", "duet"}
+    assert main(["report", str(out)]) == 0  # the tables again, and the training curves (Figure 3)
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    (tmp_path / "not-results.json").write_text("[1, 2]")
+    assert main(["report", str(tmp_path / "not-results.json")]) == 2
+    assert "not a results document of `duet evaluate`" in capsys.readouterr().err
     assert main(["evaluate", "--dataset", "fashion-mnist", "--backbone", "sasrec", "--data-path", str(fashion)]) == 2
     assert "not a backbone of the image_classification task" in capsys.readouterr().err
     assert main(["evaluate", "--dataset", "fashion-mnist", "--data-path", str(tmp_path / "none")]) == 2
