@@ -22,10 +22,10 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "fashion-mnist"],
-                   help="ml-100k / ml-1m: recommendation; fashion-mnist: image classification")
-    p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder; ML-100k is bundled), or the "
-                                       "folder of the four Fashion-MNIST idx files")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "fashion-mnist", "ck+"],
+                   help="ml-100k / ml-1m: recommendation; fashion-mnist, ck+ (by --data-path): image classification")
+    p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder; ML-100k is bundled), the "
+                                       "folder of the four Fashion-MNIST idx files, or CK+'s folder")
     p.add_argument("--backbone", help="din, sasrec (default), gru4rec; mobilenetv3_small (default), mobilenetv3_large")
     p.add_argument("--epochs", type=int, help="at most; early stopping on validation (default 30; images 6)")
     p.add_argument("--patience", type=int, help="epochs without a better validation score (default 5; images 3)")
@@ -46,6 +46,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     img.add_argument("--camera", type=float, default=1.0, help="strength of each device's camera (0: none)")
     img.add_argument("--realtime", type=int, default=2, help="real-time images at the start of each session")
     img.add_argument("--max-images", type=int, default=20_000, help="seeded subset of the 70,000 images (0: all)")
+    img.add_argument("--image-size", type=int, default=224, help="CK+ frames are resized to this (default 224)")
     img.add_argument("--width", type=float, default=1.0, help="MobileNetV3 width multiplier")
     img.add_argument("--small-input", action="store_true", help="stride 1 in the stem: finer, 2.7x slower")
     swa = p.add_argument_group("generator")

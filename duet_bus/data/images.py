@@ -198,6 +198,7 @@ class ImagePrepConfig:
     test: float = 0.1
     holdout: float = 0.2
     max_images: int = 20_000  # a seeded subset of the 70,000 images (0: all), for speed
+    image_size: int = 224  # CK+ frames are resized to image_size x image_size (Fashion-MNIST stays 28x28)
 
     def __post_init__(self) -> None:
         for name in ("devices", "session_length", "realtime"):
@@ -216,6 +217,8 @@ class ImagePrepConfig:
                 raise ConfigError(f"data.{name}: must be in [0, 1), got {getattr(self, name)!r}")
         if self.valid + self.test + self.holdout >= 1:
             raise ConfigError("data.valid + data.test + data.holdout: must leave sessions to train on")
+        if not isinstance(self.image_size, int) or not 16 <= self.image_size <= 1024:
+            raise ConfigError(f"data.image_size: must be an integer in 16..1024, got {self.image_size!r}")
         if not isinstance(self.max_images, int) or self.max_images < 0:
             raise ConfigError(f"data.max_images: must be a non-negative integer, got {self.max_images!r}")
 
@@ -235,10 +238,6 @@ class PreparedImages:
     session_device: np.ndarray  # (S,)
     session_split: np.ndarray  # (S,) index into SPLITS
     source: str
-
-    @property
-    def n_devices(self) -> int:
-        return self.config.devices
 
     @property
     def n_classes(self) -> int:

@@ -86,7 +86,8 @@ class RecModel(nn.Module):
     def forward(
         self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor
     ) -> Tensor:
-        return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len))
+        """Training and offline scoring: generated layers stay factored (never formed, same result)."""
+        return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len, factored=True))
 
     # -- what a device does with this model (`devices.DeviceAgent` asks) ---------------------------
 

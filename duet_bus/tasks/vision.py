@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from duet_bus.data.images import ImagePrepConfig, ImageSamples, PreparedImages, load_fashion_mnist, prepare_images
+from duet_bus.data.ckplus import prepare_ckplus
+from duet_bus.data.images import (ImagePrepConfig, ImageSamples, PreparedImages, fashion_mnist_folder,
+                                  load_fashion_mnist, prepare_images)
 from duet_bus.errors import ConfigError
 from duet_bus.metrics import classification_metrics
 from duet_bus.models import PPGConfig
@@ -40,6 +42,17 @@ from duet_bus.models.vision import VisionConfig, VisionModel
 from duet_bus.protocol import ModelSpec
 from duet_bus.tasks.base import Task, generators, register_task
 from duet_bus.train import TrainConfig
+
+
+def load_images(dataset: str, data_path: str | None, prep: ImagePrepConfig, seed: int) -> PreparedImages:
+    """A data set's devices and sessions: Fashion-MNIST (bundled via Debian) or CK+ (by path)."""
+    prepared = (prepare_ckplus(data_path, prep, seed) if dataset == "ck+"
+                else prepare_images(load_fashion_mnist(data_path), prep, seed))
+    for split in ("train", "valid", "test"):
+        if len(prepared.split(split)) == 0:
+            raise ConfigError(f"data: no {split} session among the {len(prepared.sessions)} sessions of {dataset} "
+                              f"(raise data.{split if split != 'train' else 'max_images'} or use fewer devices)")
+    return prepared
 
 
 def model_config(config, method: str, prepared: PreparedImages) -> VisionConfig:
@@ -186,7 +199,7 @@ def device_cost(model: VisionModel, prepared: PreparedImages) -> dict[str, int]:
 @register_task
 class ImageClassification(Task):
     name = "image_classification"
-    datasets = ("fashion-mnist",)
+    datasets = ("fashion-mnist", "ck+")
     backbones = tuple(VARIANTS)
     default_backbone = "mobilenetv3_small"
     metrics = ("accuracy", "logloss")
@@ -200,7 +213,7 @@ class ImageClassification(Task):
         default = ImagePrepConfig()
         return ImagePrepConfig(devices=args.devices, alpha=args.alpha, camera=args.camera,
                                session_length=args.session_length or default.session_length,
-                               realtime=args.realtime, max_images=args.max_images,
+                               realtime=args.realtime, max_images=args.max_images, image_size=args.image_size,
                                holdout=default.holdout if args.holdout is None else args.holdout)
 
     def default_train(self) -> TrainConfig:
@@ -209,12 +222,12 @@ class ImageClassification(Task):
         return TrainConfig(epochs=6, batch_size=64, lr=2e-3, patience=3)
 
     def source(self, config) -> str:
-        from duet_bus.data.images import fashion_mnist_folder
-
+        if config.dataset == "ck+":
+            return f"CK+ ({config.data_path})"
         return f"Fashion-MNIST idx files ({fashion_mnist_folder(config.data_path).name})"
 
     def prepare(self, config, seed: int) -> PreparedImages:
-        return prepare_images(load_fashion_mnist(config.data_path), config.prep, seed)
+        return load_images(config.dataset, config.data_path, config.prep, seed)
 
     def train(self, config, prepared: PreparedImages, method: str, seed: int, progress):
         result = train_vision(prepared, model_config(config, method, prepared), config.train, seed, progress,
@@ -255,7 +268,7 @@ class ImageClassification(Task):
                          model.config.ppg.hidden_dim if model.generative else 0)
 
     def test_sessions(self, checkpoint, data_path: str | None, seed: int, count: int) -> list:
-        prepared = prepare_images(load_fashion_mnist(data_path), checkpoint.prep, seed)
+        prepared = load_images(checkpoint.dataset, data_path, checkpoint.prep, seed)
         test = prepared.split("test")
         # One session per device first (the first test session of each), then the devices' later ones.
         order = np.concatenate([test[np.unique(prepared.session_device[test], return_index=True)[1]], test])
