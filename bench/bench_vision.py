@@ -4,7 +4,9 @@ For MobileNetV3-Large and -Small on 28x28 grey images (stem stride 1 and 2),
 untrained, 10 classes, DUET N_p = 5, prints:
 
 - device side: static-layer parameters and FLOPs per image, the head's size;
-- one training step (forward + backward, 256 images) of the base model;
+- one training step (forward + backward, 64 sessions of 6 images) of the base
+  model and of DUET (the generated head kept factored, as training does),
+  and their ratio;
 - the cloud's head generation per session at 1 and 64 sessions in a batch,
   against the device's base forward of one session (5 images), and the
   bytes of the generated heads of one 64-session chunk.
@@ -40,7 +42,8 @@ def best_ms(fn, repeat: int = 5) -> float:
 def main() -> None:
     torch.manual_seed(0)
     table = Table(title="MobileNetV3 on 28x28 Fashion-MNIST-sized images, this machine (ms, best of 5)")
-    for col in ("backbone", "stem", "static params", "FLOPs / image", "head fp32", "train step 256 (base)",
+    for col in ("backbone", "stem", "static params", "FLOPs / image", "head fp32", "train step base",
+                "train step DUET (ratio)",
                 "base forward, 1 session", "generation / session, batch 1", "same, batch 64", "heads of 64"):
         table.add_column(col, justify="right")
     for variant in ("mobilenetv3_small", "mobilenetv3_large"):
@@ -54,18 +57,21 @@ def main() -> None:
             with counter:
                 base.embed(torch.rand(1, 1, 28, 28))
             flops = counter.get_total_flops()
-            base.train()
-            batch = torch.rand(256, 1, 1, 28, 28)
-            labels = torch.randint(0, 10, (256, 1))
-            optimiser = torch.optim.Adam(base.parameters())
+            batch = torch.rand(64, 6, 1, 28, 28)
+            labels = torch.randint(0, 10, (64, 6))
+            steps = []
+            for model in (base, duet):
+                model.train()
+                optimiser = torch.optim.Adam(model.parameters())
 
-            def step() -> None:
-                optimiser.zero_grad()
-                logits = base.score(batch, base.weights_for(None, None))
-                torch.nn.functional.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1)).backward()
-                optimiser.step()
+                def step() -> None:
+                    optimiser.zero_grad()
+                    logits = model(batch, 2)
+                    torch.nn.functional.cross_entropy(logits.reshape(-1, 10), labels.reshape(-1)).backward()
+                    optimiser.step()
 
-            train_ms = best_ms(step, 3)
+                steps.append(best_ms(step, 3))
+            train_ms = steps[0]
             base.eval()
             duet.eval()
             session = torch.rand(1, 5, 1, 28, 28)
@@ -76,7 +82,8 @@ def main() -> None:
                                3) / 64
             size = head_bytes(duet.dynamic_shapes)
             table.add_row(variant.removeprefix("mobilenetv3_"), "1" if small_input else "2", f"{static / 1e6:.2f} M",
-                          f"{flops / 1e6:.1f} M", f"{size / 1e6:.2f} MB", f"{train_ms:.0f}", f"{forward_ms:.2f}",
+                          f"{flops / 1e6:.1f} M", f"{size / 1e6:.2f} MB", f"{train_ms:.0f}",
+                          f"{steps[1]:.0f} ({steps[1] / train_ms:.2f}x)", f"{forward_ms:.2f}",
                           f"{one:.2f} ({one / forward_ms:.2f}x)", f"{many:.2f} ({many / forward_ms:.2f}x)",
                           f"{64 * size / 1e6:.0f} MB")
     Console(width=200).print(table)
