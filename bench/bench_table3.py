@@ -22,13 +22,12 @@ Run: `python bench/bench_table3.py`.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench_vision import best_ms  # noqa: E402  (bench/ is the script's folder)
 from duet_bus import protocol
 from duet_bus.models import ModelConfig, PPGConfig, build_model
 from duet_bus.models.dynamic import apply_dynamic, materialize
@@ -38,16 +37,6 @@ from duet_bus.protocol import SessionStart, WeightsReady
 from duet_bus.scenario import TABLE3_PROFILES
 
 PPG = PPGConfig(n_generators=5)
-
-
-def best_ms(fn, repeat: int = 20) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1000)
-    return min(times)
 
 
 def request_bytes(realtime: np.ndarray, kind: str) -> int:
@@ -103,8 +92,8 @@ def main() -> None:
             down = {enc: reply_bytes([(w[0].numpy(), b[0].numpy()) for w, b in full], "full", enc)
                     for enc in ("float32", "float16", "int8")}
             down["factored"] = reply_bytes([(f.h[0].numpy(), f.b[0].numpy()) for f in factored], "factored", None)
-            full_ms = best_ms(lambda: apply_dynamic(features, full))
-            factored_ms = best_ms(lambda: apply_dynamic(features, factored))
+            full_ms = best_ms(lambda: apply_dynamic(features, full), 20)
+            factored_ms = best_ms(lambda: apply_dynamic(features, factored), 20)
             diff = float((apply_dynamic(features, full) - apply_dynamic(features, factored)).abs().max())
         times = [f"{p.transfer_ms(down['float32']):.1f} / {p.transfer_ms(down['factored']):.2f} ms"
                  for p in TABLE3_PROFILES.values()]
