@@ -51,7 +51,7 @@ def apply_dynamic(x: Tensor, weights: LayerWeights) -> Tensor:
     for n, layer in enumerate(weights):
         if isinstance(layer, Factored):
             # (x H) W2 + sum(x) b2 + b: never the in x out matrix.
-            low = torch.bmm(h, layer.h)  # (B, K, hidden)
+            low = torch.matmul(h, layer.h)  # (B, K, hidden); one session's H (batch 1) serves all its samples
             bias = layer.b.unsqueeze(1) + h.sum(-1, keepdim=True) * layer.b2
             h = torch.addmm(bias.reshape(-1, bias.size(-1)), low.reshape(-1, low.size(-1)),
                             layer.w2).view(h.size(0), h.size(1), -1)

@@ -34,12 +34,12 @@ def scenario_file(tmp_path_factory):
     return path
 
 
-def run(path, label, bootstrap):
+def run(path, label, bootstrap, **changes):
     """Run the scenario into a sibling of its output folder, so that every run shares the checkpoint cache."""
     from dataclasses import replace
 
     scenario = load_scenario(path)
-    scenario = replace(scenario, output=str(Path(scenario.output).parent / label), bootstrap=bootstrap)
+    scenario = replace(scenario, output=str(Path(scenario.output).parent / label), bootstrap=bootstrap, **changes)
     prepared = prepare_data(scenario)
     return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared))
 
@@ -84,6 +84,16 @@ def test_same_seed_same_sessions_and_accuracy(scenario_file, kafka_bootstrap):
     assert [(r["session_id"], r["method"], r["start_s"], r["user"]) for r in ra] == \
            [(r["session_id"], r["method"], r["start_s"], r["user"]) for r in rb]
     assert [float(r["auc"]) for r in ra] == pytest.approx([float(r["auc"]) for r in rb], abs=1e-9)
+
+
+def test_factored_replies_score_as_the_full_weights(scenario_file, kafka_bootstrap):
+    """`cloud.weight_encoding: factored`: the devices combine H with the W2, b2 they hold; same AUCs."""
+    _, full = run(scenario_file, "full", kafka_bootstrap)
+    doc, factored = run(scenario_file, "factored", kafka_bootstrap, weight_encoding="factored")
+    assert doc["run"]["over_the_bus"]["answered"] == doc["run"]["over_the_bus"]["started"] > 0
+    ra, rb = rows(full), rows(factored)
+    assert [(r["session_id"], r["method"]) for r in ra] == [(r["session_id"], r["method"]) for r in rb]
+    assert [float(r["auc"]) for r in ra] == pytest.approx([float(r["auc"]) for r in rb], abs=1e-6)
 
 
 def test_report_rerenders_from_the_files(scenario_file, kafka_bootstrap, capsys):
