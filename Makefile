@@ -37,7 +37,8 @@ test: venv
 	DUET_FASHION_MNIST=$${DUET_FASHION_MNIST:-$(FMNIST)} $(PY) -m pytest -q
 
 test-slow: venv
-	$(PY) -m pytest -q -m slow
+	-@$(MAKE) --no-print-directory fashion-mnist
+	DUET_FASHION_MNIST=$${DUET_FASHION_MNIST:-$(FMNIST)} $(PY) -m pytest -q -m slow
 
 demo: venv
 	$(VENV)/bin/duet run scenarios/quickstart.yaml
