@@ -26,7 +26,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from duet_bus.models import PPGConfig
 from duet_bus.models.mobilenetv3 import MobileNetConfig
-from duet_bus.models.vision import VisionConfig, VisionModel, head_bytes
+from duet_bus.models.dynamic import layer_bytes
+from duet_bus.models.vision import VisionConfig, VisionModel
 
 
 def best_ms(fn, repeat: int = 5) -> float:
@@ -80,7 +81,7 @@ def main() -> None:
                 one = best_ms(lambda: duet.weights_for(torch.rand(1, 1, 1, 28, 28), torch.tensor([1])))
                 many = best_ms(lambda: duet.weights_for(torch.rand(64, 1, 1, 28, 28), torch.ones(64, dtype=torch.long)),
                                3) / 64
-            size = head_bytes(duet.dynamic_shapes)
+            size = layer_bytes(duet.dynamic_shapes)
             table.add_row(variant.removeprefix("mobilenetv3_"), "1" if small_input else "2", f"{static / 1e6:.2f} M",
                           f"{flops / 1e6:.1f} M", f"{size / 1e6:.2f} MB", f"{train_ms:.0f}",
                           f"{steps[1]:.0f} ({steps[1] / train_ms:.2f}x)", f"{forward_ms:.2f}",

@@ -37,6 +37,7 @@ from duet_bus import protocol
 from duet_bus.bus import Record, Topics, is_transient
 from duet_bus.checkpoint import Checkpoint
 from duet_bus.errors import ConfigError
+from duet_bus.models.dynamic import layer_bytes
 from duet_bus.protocol import DeadLetter, ProtocolError, SessionStart, WeightsReady
 
 log = logging.getLogger("duet.cloud")
@@ -78,6 +79,11 @@ class CloudConfig:
                               f"{self.weight_encoding!r}")
 
     @property
+    def factored(self) -> bool:
+        """Replies carry each layer's factor ``H`` (float32) instead of the full weights."""
+        return self.weight_encoding == "factored"
+
+    @property
     def allowed_reply_topics(self) -> tuple[str, ...]:
         return self.reply_topics or (self.topics.weights,)
 
@@ -103,7 +109,9 @@ class GeneratorService:
         self.config = config or CloudConfig()
         self.models = {c.model_version: c for c in checkpoints}
         for c in checkpoints:
-            size = reply_size(c.spec, self.config.weight_encoding)
+            spec = c.spec
+            itemsize = 4 if self.config.factored else np.dtype(self.config.weight_encoding).itemsize
+            size = layer_bytes(spec.layer_shapes, itemsize, spec.factor_hidden if self.config.factored else 0)
             if size > protocol.MAX_MESSAGE_BYTES:
                 raise ConfigError(f"cloud.weight_encoding: a {c.model_version} reply in {self.config.weight_encoding} "
                                   f"is {size / 1e6:.2f} MB, over the {protocol.MAX_MESSAGE_BYTES / 2**20:.0f} MiB "
@@ -297,7 +305,7 @@ class GeneratorService:
     def _forward(self, checkpoint: Checkpoint, samples: list[np.ndarray]):
         """One batched generator forward; each layer's ``(W or H, b)`` as arrays with a leading batch axis."""
         start = time.perf_counter()
-        factored = self.config.weight_encoding == "factored"
+        factored = self.config.factored
         with torch.inference_mode():
             realtime, lengths = checkpoint.model.realtime_batch(samples)
             weights = checkpoint.model.weights_for(realtime, lengths, factored=factored)
@@ -311,7 +319,7 @@ class GeneratorService:
         # next batch while this one is generated.
         layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, [e.realtime for _, e in items])
         method = checkpoint.model.config.method
-        factored = self.config.weight_encoding == "factored"
+        factored = self.config.factored
         encoding = None if factored else self.config.weight_encoding
         replies = []
         for i, (record, event) in enumerate(items):
@@ -340,13 +348,6 @@ class GeneratorService:
         self.stats.internal_errors += 1
         log.error("internal error on %s[%d]@%d", record.topic, record.partition, record.offset, exc_info=exc)
         return self._dead_letter(record, f"internal error: {_name(exc)}: {exc}"[:500])
-
-
-def reply_size(spec: protocol.ModelSpec, encoding: str) -> int:
-    """Bytes of one reply's arrays in a weight encoding (framing aside): what must fit in a message."""
-    itemsize = {"float32": 4, "float16": 2, "int8": 1, "factored": 4}[encoding]
-    shapes = protocol.expected_shapes(spec, "factored" if encoding == "factored" else "full")
-    return sum((i * o) * itemsize + out * itemsize for (i, o), (_, out) in zip(shapes, spec.layer_shapes))
 
 
 def _name(exc: BaseException) -> str:

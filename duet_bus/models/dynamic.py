@@ -39,6 +39,12 @@ class Factored(NamedTuple):
 LayerWeights = list[tuple[Tensor, Tensor]]  # a layer may also be `Factored`
 
 
+def layer_bytes(shapes: tuple[tuple[int, int], ...], itemsize: int = 4, hidden: int = 0) -> int:
+    """Bytes of one session's dynamic layers on the wire, before msgpack framing: the full ``(W, b)`` per
+    layer, or (``hidden`` > 0) the factored form's ``H`` (in x hidden) and ``b``."""
+    return sum((i * (hidden or o) + o) * itemsize for i, o in shapes)
+
+
 def materialize(weights: LayerWeights) -> LayerWeights:
     """Every layer as a full ``(W, b)``: what goes on the wire in the float encodings."""
     return [layer.materialize() if isinstance(layer, Factored) else layer for layer in weights]

@@ -152,12 +152,3 @@ class VisionModel(nn.Module):
         weights = adam_steps(start, features, lambda logits: nn.functional.cross_entropy(logits, target), config)
         return weights, (time.perf_counter() - begin) * 1000
 
-
-def head_bytes(shapes: tuple[tuple[int, int], ...], itemsize: int = 4) -> int:
-    """Bytes of one session's head on the wire, before msgpack framing (the paper's download)."""
-    return sum((i * o + o) * itemsize for i, o in shapes)
-
-
-def factor_bytes(shapes: tuple[tuple[int, int], ...], hidden: int, itemsize: int = 4) -> int:
-    """Bytes of one session's head in the factored encoding: ``H`` (in x hidden) and ``b`` per layer."""
-    return sum((i * hidden + o) * itemsize for i, o in shapes)

@@ -125,7 +125,7 @@ class Task:
         raise NotImplementedError
 
     def validation_weights(self, model: Any, prepared: Any) -> list:
-        """The weights generated for every validation session (their mean is the fallback head)."""
+        """The weights generated for every validation session, factored (their mean is the fallback head)."""
         raise NotImplementedError
 
     def spec(self, checkpoint: Any) -> "ModelSpec":

@@ -148,7 +148,7 @@ class Recommendation(Task):
 
     def validation_weights(self, model: RecModel, prepared: Prepared) -> list:
         x = tensors(prepared.eval_samples("valid"))
-        return model.weights_for(x["realtime"], x["realtime_len"])
+        return model.weights_for(x["realtime"], x["realtime_len"], factored=True)
 
     def spec(self, checkpoint) -> ModelSpec:
         model = checkpoint.model

@@ -36,7 +36,6 @@ from duet_bus.data.images import (ImagePrepConfig, ImageSamples, PreparedImages,
 from duet_bus.errors import ConfigError
 from duet_bus.metrics import classification_metrics
 from duet_bus.models import PPGConfig
-from duet_bus.models.dynamic import apply_dynamic
 from duet_bus.models.mobilenetv3 import VARIANTS, MobileNetConfig
 from duet_bus.models.vision import VisionConfig, VisionModel
 from duet_bus.protocol import ModelSpec
@@ -136,10 +135,7 @@ def predict(model: VisionModel, prepared: PreparedImages, sessions: np.ndarray, 
     logits, labels = [], []
     for i in range(0, len(sessions), batch):
         images, y = session_batch(prepared, sessions[i: i + batch])
-        lengths = torch.full((len(images),), realtime, dtype=torch.long)
-        features = model.embed(images)
-        weights = model.weights_for(features[:, :realtime], lengths, factored=True)
-        logits.append(apply_dynamic(features[:, realtime:], weights))
+        logits.append(model(images, realtime)[:, realtime:])  # the real-time images are not scored
         labels.append(y[:, realtime:])
     model.train(was_training)
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
@@ -258,7 +254,7 @@ class ImageClassification(Task):
     def validation_weights(self, model: VisionModel, prepared: PreparedImages) -> list:
         realtime = prepared.config.realtime
         images, _ = session_batch(prepared, prepared.split("valid"))
-        return model.weights_for(images[:, :realtime], torch.full((len(images),), realtime))
+        return model.weights_for(images[:, :realtime], torch.full((len(images),), realtime), factored=True)
 
     def spec(self, checkpoint) -> ModelSpec:
         model, prep = checkpoint.model, checkpoint.prep
