@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from duet_bus.data.prep import Prepared
-from duet_bus.errors import CheckpointError
+from duet_bus.errors import CheckpointError, DuetError
 from duet_bus.models import LayerWeights, ModelConfig
 from duet_bus.models.dynamic import Factored
 from duet_bus.protocol import ModelSpec
@@ -102,18 +102,22 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from exc
     if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
         raise CheckpointError(f"{path}: not a duet-bus checkpoint (format {FORMAT} expected)")
-    task = task_named(blob.get("task", "recommendation"))
-    prep = task.prep_from_dict(blob["prep_config"])
-    model = task.model_from_dict(blob["model_config"], prep, blob["n_items"])
+    try:
+        task = task_named(blob.get("task", "recommendation"))
+        prep = task.prep_from_dict(blob["prep_config"])
+        model = task.model_from_dict(blob["model_config"], prep, blob["n_items"])
+    except (KeyError, TypeError, ValueError, AttributeError, DuetError) as exc:
+        raise CheckpointError(f"{path}: the task, data or model it records cannot be rebuilt "
+                              f"({exc.__class__.__name__}: {exc})") from exc
     try:
         model.load_state_dict(blob["state_dict"])
-    except RuntimeError as exc:
+        layers = [(w, b) for w, b in blob["global_layers"]]
+    except (RuntimeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: weights do not fit the model they describe: {exc}") from exc
     model.eval()
     version = model_version(model)
     if version != blob["model_version"]:
         raise CheckpointError(f"{path}: weights digest {version} differs from the recorded {blob['model_version']}")
-    layers = [(w, b) for w, b in blob["global_layers"]]
     return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers, task.name)
 
 

@@ -314,6 +314,9 @@ def _session_start(f: _Fields) -> SessionStart:
             shape = "(R, C, H, W)" if kind == "images" else "(R, F)"
             raise ProtocolError("realtime", f"{kind} must be {shape} with 1..{MAX_REALTIME} samples, got shape "
                                             f"{realtime.shape}")
+        if kind == "images" and (realtime.min() < 0 or realtime.max() > 1):
+            raise ProtocolError("realtime", f"image pixels must be in [0, 1], got {float(realtime.min()):g}.."
+                                            f"{float(realtime.max()):g}")
     return SessionStart(
         session_id=f.text("session_id"), request_id=f.text("request_id", 64), device_id=f.text("device_id"),
         model_version=f.text("model_version"), realtime=realtime, reply_topic=f.topic("reply_topic"),

@@ -54,6 +54,11 @@ def test_what_is_wrong_with_a_ckplus_folder_is_named(tmp_path):
     next((root / "Emotion").rglob("*.txt")).write_text("9\n")
     with pytest.raises(DataError, match="_emotion.txt: emotion 9 is not one of 1..7"):
         prepare_ckplus(root, ImagePrepConfig(image_size=32), 0)
+    png = next((root / "cohn-kanade-images").rglob("*.png"))
+    png.write_bytes(b"\x89PNG garbage")
+    next((root / "Emotion").rglob("*.txt")).write_text("3\n")
+    with pytest.raises(DataError, match=f"{png.name}: not a readable image"):
+        prepare_ckplus(root, ImagePrepConfig(image_size=32), 0)
     with pytest.raises(DataError, match="data.session_length must be 6"):
         prepare_ckplus(root, ImagePrepConfig(session_length=5), 0)
 

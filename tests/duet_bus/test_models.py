@@ -100,6 +100,24 @@ def test_checkpoint_errors_name_the_file(tmp_path):
         checkpoint.load(bad)
 
 
+@pytest.mark.parametrize("field, value, reason", [
+    ("task", "speech", "cannot be rebuilt .*unknown task 'speech'"),
+    ("model_config", {"backbone": "gru4rec"}, "cannot be rebuilt .*KeyError"),
+    ("model_config", [1, 2], "cannot be rebuilt"),
+    ("prep_config", {"history_len": -1, "sessions": {}}, "cannot be rebuilt .*data.history_len"),
+    ("global_layers", 7, "weights do not fit"),
+])
+def test_a_checkpoint_with_a_doctored_record_is_named(duet_checkpoint_file, tmp_path, field, value, reason):
+    import torch
+
+    blob = torch.load(duet_checkpoint_file, weights_only=True)
+    blob[field] = value
+    doctored = tmp_path / "doctored.pt"
+    torch.save(blob, doctored)
+    with pytest.raises(CheckpointError, match=f"doctored.pt: .*{reason}"):
+        checkpoint.load(doctored)
+
+
 def test_training_selects_on_validation_and_never_reads_test(tiny, monkeypatch):
     original = type(tiny).eval_samples
 

@@ -104,6 +104,8 @@ def test_uploads_that_do_not_fit_the_model_are_named(kind, realtime, reason):
     ("images", {"dtype": "float32", "shape": [1, 1, 1, 1], "data": np.array([np.nan], np.float32).tobytes()},
      "realtime: contains NaN"),
     ("embeddings", {"dtype": "float32", "shape": [0, 6], "data": b""}, "with 1..1024 samples"),
+    ("images", {"dtype": "float32", "shape": [1, 1, 1, 2], "data": np.array([0.5, 255.0], np.float32).tobytes()},
+     r"realtime: image pixels must be in \[0, 1\], got 0.5..255"),
     ("pixels", {"dtype": "float32", "shape": [1, 6], "data": b"\0" * 24}, "realtime_kind: 'pixels' is not one of"),
 ])
 def test_malformed_image_payloads_are_named(kind, realtime, reason):
