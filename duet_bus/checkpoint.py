@@ -18,13 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from duet_bus.data.prep import Prepared
 from duet_bus.errors import CheckpointError, DuetError
-from duet_bus.models import LayerWeights, ModelConfig
+from duet_bus.models import LayerWeights
 from duet_bus.models.dynamic import Factored
 from duet_bus.protocol import ModelSpec
 from duet_bus.tasks import task_named
-from duet_bus.train import TrainConfig, train_model
 
 FORMAT = "duet-bus-checkpoint/2"
 FORMATS = (FORMAT, "duet-bus-checkpoint/1")  # /1: recommendation only, no task field
@@ -121,17 +119,19 @@ def load(path: str | Path) -> Checkpoint:
     return Checkpoint(model, version, blob["dataset"], prep, blob["n_items"], layers, task.name)
 
 
-def cached(cache_dir: str | Path, prepared: Prepared, config: ModelConfig, train: TrainConfig, seed: int,
-           progress=None) -> Checkpoint:
-    """The checkpoint of this recipe (data, model, training, seed): trained once, then loaded from the cache."""
-    recipe = json.dumps({"dataset": prepared.name, "n_items": prepared.n_items, "users": prepared.n_users,
-                         "interactions": len(prepared.items), "prep": asdict(prepared.config),
-                         "model": asdict(config), "train": asdict(train), "seed": seed, "format": FORMAT},
-                        sort_keys=True)
-    path = Path(cache_dir) / f"{config.backbone}-{config.method}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
+def cached(cache_dir: str | Path, config, prepared, method: str, seed: int, progress=None) -> Checkpoint:
+    """The checkpoint of a method's recipe (data, model, training, seed; ``config`` an `EvalConfig`):
+    trained by its task once, then loaded from the cache."""
+    task = config.task
+    # Only what shapes the trained model enters the key: not the methods list, the seeds or fine-tuning.
+    recipe = json.dumps({"dataset": prepared.name, "data": task.fingerprint(prepared), "prep": asdict(prepared.config),
+                         "backbone": config.backbone, "swa": asdict(config.swa), "dropout": config.dropout,
+                         "width": config.width, "small_input": config.small_input, "train": asdict(config.train),
+                         "method": method, "seed": seed, "format": FORMAT}, sort_keys=True)
+    path = Path(cache_dir) / f"{config.backbone}-{method}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        result = train_model(prepared, config, train, seed, progress=progress, label=config.method)
-        save(path.with_suffix(".tmp"), result.model, prepared)
+        model, _, _ = task.train(config, prepared, method, seed, progress)
+        save(path.with_suffix(".tmp"), model, prepared)
         path.with_suffix(".tmp").replace(path)
     return load(path)

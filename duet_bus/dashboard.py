@@ -2,7 +2,7 @@
 
 It reads the runner's `RunState` after every virtual instant with sessions and
 redraws at most ``refresh_hz`` times a wall second: virtual time and speed-up,
-sessions and running AUC per method (overall and on shifted devices since the
+sessions and the running primary metric (AUC, accuracy) per method (overall and on shifted devices since the
 last shift), delay percentiles split into upload / bus / cloud (generation) /
 download / device compute, the cloud's batch sizes and consumer lag,
 fallbacks and dead letters.
@@ -18,8 +18,9 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from duet_bus.report import LABELS
+from duet_bus.report import METRIC_NAMES, LABELS
 from duet_bus.runner import RunState
+from duet_bus.tasks import task_named
 
 
 def _hms(seconds: float) -> str:
@@ -39,8 +40,10 @@ def render(state: RunState) -> Group:
     )
     last = state.shifts[-1] if state.shifts else None
     shifted = set(last.devices) if last else set()
+    primary = task_named(s.task).primary
+    name = METRIC_NAMES.get(primary, primary)
     table = Table(expand=False, title_justify="left")
-    for col in ("Method", "Sessions", "AUC", f"AUC since {last.label}" if last else "AUC since shift",
+    for col in ("Method", "Sessions", name, f"{name} since {last.label}" if last else f"{name} since shift",
                 "upload p50", "bus p50", "cloud p50", "gen p50", "download p50", "device p50", "total p95"):
         table.add_column(col, justify="left" if col == "Method" else "right")
     by_method: dict[str, list] = {m: [] for m in s.methods}
@@ -50,10 +53,10 @@ def render(state: RunState) -> Group:
         if not rows:
             table.add_row(LABELS.get(m, m), "0", *["-"] * 9)
             continue
-        after = [r.auc for r in rows if last and r.device_id in shifted and r.start_s >= last.at_s]
+        after = [r.metrics[primary] for r in rows if last and r.device_id in shifted and r.start_s >= last.at_s]
         p50 = lambda key: f"{np.percentile([getattr(r, key) for r in rows], 50):.2f}"  # noqa: E731
         table.add_row(
-            LABELS.get(m, m), str(len(rows)), f"{np.mean([r.auc for r in rows]):.4f}",
+            LABELS.get(m, m), str(len(rows)), f"{np.mean([r.metrics[primary] for r in rows]):.4f}",
             f"{np.mean(after):.4f} ({len(after)})" if after else "-",
             p50("upload_ms"), p50("bus_ms"), p50("cloud_ms"), p50("generation_ms"), p50("download_ms"),
             f"{np.percentile([r.finetune_ms + r.compute_ms for r in rows], 50):.2f}",

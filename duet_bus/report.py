@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ def _si(value: float) -> str:
     return f"{value:.0f}"
 
 
-_METRIC_NAMES = {"auc": "AUC", "gauc": "GAUC", "ndcg10": "NDCG@10", "hr10": "HR@10", "logloss": "LogLoss",
+METRIC_NAMES = {"auc": "AUC", "gauc": "GAUC", "ndcg10": "NDCG@10", "hr10": "HR@10", "logloss": "LogLoss",
                  "accuracy": "Accuracy"}
 
 
@@ -53,8 +53,8 @@ def table1(doc: dict) -> Table:
         caption="LR*: needs labels of the device's real-time data. Delay p50, measured on this CPU: "
         "fine-tuning = on-device compute; DUET = cloud generation of one session (network not included).",
     )
-    name = _METRIC_NAMES.get(primary, primary)
-    for column in ("Method", "LR*", f"{name} mean", f"{name} std", *(_METRIC_NAMES.get(m, m) for m in others),
+    name = METRIC_NAMES.get(primary, primary)
+    for column in ("Method", "LR*", f"{name} mean", f"{name} std", *(METRIC_NAMES.get(m, m) for m in others),
                    "Param.", "FLOPs", "Delay p50"):
         table.add_column(column, justify="left" if column == "Method" else "right")
     device = doc.get("device", {})
@@ -81,7 +81,7 @@ def swa_sweep(doc: dict) -> list[tuple[int, str]]:
 def table4(doc: dict) -> Table:
     """The paper's Table 4: the primary metric and its seed-to-seed std for base and each ``N_p``."""
     primary = doc.get("primary", "auc")
-    name = _METRIC_NAMES.get(primary, primary)
+    name = METRIC_NAMES.get(primary, primary)
     seeds = len(doc["seeds"])
     table = Table(title=f"{doc['dataset']} / {doc['backbone']}: effect of N_p, {seeds} seeds (mean, sample std)")
     for column in ("Method", "N_p", f"{name} mean", f"{name} std", "best epoch (mean)"):
@@ -154,8 +154,15 @@ def method_order(scenario: dict, rows: list[dict]) -> list[str]:
     return [m for m in scenario["methods"] if m in present]
 
 
-def around_shift(rows: list[dict], shift: dict, method: str, window: int = AROUND) -> dict[int, list[float]]:
-    """Session AUCs of the shifted devices by session index relative to the shift (0 = first after)."""
+def run_metrics(scenario: dict) -> tuple[list[str], str]:
+    """A run's per-session metrics and the one its tables and plots lead with (runs recorded before
+    image tasks had recommendation's)."""
+    return scenario.get("metrics", ["auc", "ndcg10", "hr10", "logloss"]), scenario.get("primary", "auc")
+
+
+def around_shift(rows: list[dict], shift: dict, method: str, metric: str = "auc",
+                 window: int = AROUND) -> dict[int, list[float]]:
+    """A metric per session of the shifted devices, by session index relative to the shift (0 = first after)."""
     shifted = set(shift["devices"])
     by_device: dict[str, list[dict]] = {}
     for r in rows:
@@ -167,24 +174,23 @@ def around_shift(rows: list[dict], shift: dict, method: str, window: int = AROUN
         after = [r for r in sessions if r["start_s"] >= shift["at_s"]]
         before = [r for r in sessions if r["start_s"] < shift["at_s"]]
         for k, r in enumerate(after[:window]):
-            out[k].append(r["auc"])
+            out[k].append(r[metric])
         for k, r in enumerate(reversed(before[-window:]), start=1):
-            out[-k].append(r["auc"])
+            out[-k].append(r[metric])
     return out
 
 
 def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dict) -> dict:
     """The ``results.json`` document of a run."""
+    metrics, primary = run_metrics(scenario)
     methods = {}
     for m in method_order(scenario, rows):
         mine = [r for r in rows if r["method"] == m]
-        auc = _stats([r["auc"] for r in mine])
-        methods[m] = {
-            "sessions": len(mine),
-            "auc_mean": auc["mean"], "auc_std": auc["std"],
-            "ndcg10_mean": float(np.mean([r["ndcg10"] for r in mine])),
-            "hr10_mean": float(np.mean([r["hr10"] for r in mine])),
-            "logloss_mean": float(np.mean([r["logloss"] for r in mine])),
+        methods[m] = {"sessions": len(mine)}
+        for metric in metrics:  # mean and std over sessions
+            stats = _stats([r[metric] for r in mine])
+            methods[m][f"{metric}_mean"], methods[m][f"{metric}_std"] = stats["mean"], stats["std"]
+        methods[m] |= {
             "fallbacks": sum(bool(r["fallback"]) for r in mine),
             "delay_ms": {
                 "total": _stats([r["total_ms"] for r in mine]),
@@ -201,8 +207,8 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
     for shift in shifts:
         around = {}
         for m in methods:
-            around[m] = {str(k): {"auc_mean": float(np.mean(v)) if v else None, "sessions": len(v)}
-                         for k, v in around_shift(rows, shift, m).items()}
+            around[m] = {str(k): {f"{primary}_mean": float(np.mean(v)) if v else None, "sessions": len(v)}
+                         for k, v in around_shift(rows, shift, m, primary).items()}
         shift_docs.append({**shift, "devices_shifted": len(shift["devices"]), "around": around})
     return {"scenario": scenario, "run": run, "methods": methods, "shifts": shift_docs}
 
@@ -210,8 +216,8 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
 def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict) -> dict:
     """Write ``results.json``, ``sessions.csv`` and the plots; return the results document."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [asdict(r) for r in records]
-    columns = [f.name for f in fields(records[0])] if records else []
+    rows = [_flat(asdict(r)) for r in records]
+    columns = list(rows[0]) if rows else []
     with open(out / "sessions.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
@@ -223,8 +229,16 @@ def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict)
     return doc
 
 
-_NUMERIC = {"start_s", "auc", "ndcg10", "hr10", "logloss", "upload_ms", "download_ms", "bus_ms", "cloud_ms",
-            "generation_ms", "finetune_ms", "compute_ms", "total_ms"}
+def _flat(row: dict) -> dict:
+    """A session record as a ``sessions.csv`` row: each of the task's metrics a column of its own."""
+    out = {}
+    for key, value in row.items():
+        out |= value if key == "metrics" else {key: value}
+    return out
+
+
+_NUMERIC = {"start_s", "upload_ms", "download_ms", "bus_ms", "cloud_ms", "generation_ms", "finetune_ms",
+            "compute_ms", "total_ms"}
 _INT = {"user", "index", "samples", "upload_bytes", "download_bytes"}
 
 
@@ -239,10 +253,11 @@ def read_run(run_dir: Path) -> tuple[dict, list[dict]]:
     except json.JSONDecodeError as exc:
         raise DuetError(f"{results}: not valid JSON ({exc})") from exc
     rows = []
+    numeric = _NUMERIC | set(run_metrics(doc.get("scenario", {}))[0])
     with open(sessions, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), start=2):
             try:
-                for key in _NUMERIC:
+                for key in numeric:
                     row[key] = float(row[key])
                 for key in _INT:
                     row[key] = int(row[key])
@@ -265,25 +280,28 @@ def rerender(run_dir: Path) -> dict:
 
 def run_table(doc: dict) -> Table:
     run, scenario = doc["run"], doc["scenario"]
+    metrics, primary = run_metrics(scenario)
+    name = METRIC_NAMES.get(primary, primary)
+    others = [m for m in metrics if m != primary]
     table = Table(
         title=f"{scenario['name']}: {run['sessions']} sessions on {scenario['devices']} devices, "
               f"{run['virtual_s'] / 3600:.2f} h virtual in {run['wall_s']:.0f} s wall"
               + (" (INTERRUPTED: partial)" if run.get("interrupted") else ""),
-        caption="AUC per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
+        caption=f"{name} per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
                 f"+ cloud (this machine, {'in-process bus' if scenario['bus_kind'] == 'memory' else 'over Kafka'}); "
                 "modelled = radio upload + download (network profile); "
                 "device = fine-tuning + inference (measured x compute_factor)." + _bus_counts(run),
     )
-    for name in ("Method", "Sessions", "AUC mean", "AUC std", "NDCG@10", "HR@10", "Fallbacks",
-                 "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
-        table.add_column(name, justify="left" if name == "Method" else "right", no_wrap=name == "Method")
+    for column in ("Method", "Sessions", f"{name} mean", f"{name} std", *(METRIC_NAMES.get(o, o) for o in others),
+                   "Fallbacks", "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
+        table.add_column(column, justify="left" if column == "Method" else "right", no_wrap=column == "Method")
     for m, r in doc["methods"].items():
         d = r["delay_ms"]
         measured = d["measured"]["bus_ms"]["p50"] + d["measured"]["cloud_ms"]["p50"]
         modelled = d["modelled"]["upload_ms"]["p50"] + d["modelled"]["download_ms"]["p50"]
         device = d["measured"]["finetune_ms"]["p50"] + d["measured"]["compute_ms"]["p50"]
-        table.add_row(LABELS.get(m, m), str(r["sessions"]), f"{r['auc_mean']:.4f}", f"{r['auc_std']:.4f}",
-                      f"{r['ndcg10_mean']:.4f}", f"{r['hr10_mean']:.4f}", str(r["fallbacks"]),
+        table.add_row(LABELS.get(m, m), str(r["sessions"]), f"{r[f'{primary}_mean']:.4f}",
+                      f"{r[f'{primary}_std']:.4f}", *(f"{r[f'{o}_mean']:.4f}" for o in others), str(r["fallbacks"]),
                       f"{d['total']['p50']:.2f}", f"{d['total']['p95']:.2f}", f"{measured:.2f}",
                       f"{modelled:.3f}", f"{device:.2f}",
                       f"{r['payload_bytes']['upload_mean']:.0f}/{r['payload_bytes']['download_mean']:.0f}")
@@ -326,10 +344,11 @@ def _generators(doc: dict, method: str) -> int | None:
 
 def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str], colors: dict) -> Path:
     shifts = doc["shifts"]
+    primary = run_metrics(doc["scenario"])[1]
     fig, axes = plt.subplots(1, len(shifts), figsize=(5.2 * len(shifts), 4.2), squeeze=False, sharey=True)
     for ax, shift in zip(axes[0], shifts):
         for i, m in enumerate(methods):
-            around = around_shift(rows, shift, m)
+            around = around_shift(rows, shift, m, primary)
             ks = [k for k in sorted(around) if around[k]]
             mean = [np.mean(around[k]) for k in ks]
             sem = [np.std(around[k], ddof=1) / np.sqrt(len(around[k])) if len(around[k]) > 1 else 0 for k in ks]
@@ -340,7 +359,7 @@ def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str]
         ax.set_xlabel("session relative to the shift (0 = first after)")
         ax.set_xticks(range(-AROUND, AROUND))
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("AUC per session (mean ± s.e.)")
+    axes[0][0].set_ylabel(f"{METRIC_NAMES.get(primary, primary)} per session (mean ± s.e.)")
     axes[0][-1].legend(loc="lower right", fontsize=8)
     fig.suptitle(f"{doc['scenario']['name']}: accuracy around each shift")
     fig.tight_layout()
@@ -400,12 +419,13 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
 def _plot_swa(plt, out: Path, doc: dict, sweep: list[tuple[int, str]]) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 4))
     n = [k for k, _ in sweep]
-    mean = [doc["methods"][m]["auc_mean"] for _, m in sweep]
-    sem = [doc["methods"][m]["auc_std"] / np.sqrt(doc["methods"][m]["sessions"]) for _, m in sweep]
+    primary = run_metrics(doc["scenario"])[1]
+    mean = [doc["methods"][m][f"{primary}_mean"] for _, m in sweep]
+    sem = [doc["methods"][m][f"{primary}_std"] / np.sqrt(doc["methods"][m]["sessions"]) for _, m in sweep]
     ax.errorbar(n, mean, yerr=sem, marker="o", capsize=3)
     ax.set_xticks(n)
     ax.set_xlabel("SWA generators N_p (1 = DUET w/o SWA)")
-    ax.set_ylabel("AUC per session (mean ± s.e.)")
+    ax.set_ylabel(f"{METRIC_NAMES.get(primary, primary)} per session (mean ± s.e.)")
     ax.set_title(f"{doc['scenario']['name']}: SWA ablation")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -2,7 +2,9 @@
 
 Virtual time belongs to simpy. Each device is a simpy process that waits for
 its next session (Poisson arrivals, or the dataset's own timestamps replayed
-with a time scale), cuts the session from its stream (`DeviceStream`) and
+with a time scale), cuts the session from its stream (`data.streams`: a
+recommendation device's clicks or a camera device's pictures, made by the
+scenario's task) and
 hands it to the runner; each shift is a process that changes some devices'
 streams at its time. Arrivals are aligned to the scenario's ``window`` so that
 sessions of one window start at the same virtual instant.
@@ -29,7 +31,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import simpy
@@ -40,19 +42,14 @@ from duet_bus import checkpoint
 from duet_bus.broker import BrokerError, EmbeddedBroker
 from duet_bus.bus import KafkaBus, MemoryBus, Security, Topics
 from duet_bus.checkpoint import Checkpoint
-from duet_bus.data import load_dataset, prepare
-from duet_bus.data.prep import PrepConfig, Prepared
-from duet_bus.data.sessions import SessionConfig
-from duet_bus.data.streams import DeviceSession, DeviceStream
+from duet_bus.data.streams import DeviceSession
 from duet_bus.errors import ConfigError
 from duet_bus.finetune import FinetuneConfig
-from duet_bus.metrics import ranking_metrics
-from duet_bus.models import ModelConfig, PPGConfig
 from duet_bus.protocol import SessionReport
 from duet_bus.report import write_run
 from duet_bus.scenario import NetworkProfile, Scenario
 from duet_bus.shifts import SHIFTS
-from duet_bus.train import TrainConfig
+from duet_bus.tasks import task_named
 
 LOCAL_METHODS = ("base", "finetune")
 log = logging.getLogger("duet.runner")
@@ -64,16 +61,13 @@ class SessionRecord:
 
     session_id: str
     device_id: str
-    user: int  # raw id of the user whose clicks the session holds
+    user: int  # raw id of the owner (user, camera device) whose clicks or pictures the session holds
     method: str
     profile: str
     start_s: float  # virtual
     index: int  # the device's n-th session
     samples: int
-    auc: float
-    ndcg10: float
-    hr10: float
-    logloss: float
+    metrics: dict[str, float]  # the task's per-session metrics (AUC..., accuracy...): columns of their own
     fallback: bool
     upload_bytes: int
     download_bytes: int
@@ -121,24 +115,26 @@ class RunState:
 
 @dataclass
 class _Job:
-    device: DeviceStream
+    device: Any  # a `data.streams` stream: DeviceStream, ImageStream
     session: DeviceSession
     start_s: float
     done: simpy.Event
+    owner: int  # raw id of the owner whose session it is
     delay_s: float = 0.0
 
 
-def choose_users(scenario: Scenario, prepared: Prepared, rng: np.random.Generator) -> np.ndarray:
-    """The user each device starts with: the first users, random users, or the listed raw ids.
+def choose_users(scenario: Scenario, prepared: Any, rng: np.random.Generator) -> np.ndarray:
+    """The owner (user, camera device) each device starts with: the first ones, random ones, or the
+    listed raw ids.
 
-    More devices than users reuse users round-robin (each device keeps its own stream and log).
+    More devices than owners reuse owners round-robin (each device keeps its own stream and log).
     """
-    streaming = np.flatnonzero(prepared.lengths() > prepared.known)  # users with held-out sessions
+    raw_ids, streaming = task_named(scenario.task).stream_owners(prepared)  # owners with held-out sessions
     if isinstance(scenario.users, tuple):
-        index = {int(raw): i for i, raw in enumerate(prepared.raw_user_ids)}
+        index = {int(raw): i for i, raw in enumerate(raw_ids)}
         missing = [u for u in scenario.users if u not in index]
         if missing:
-            raise ConfigError(f"devices.users: user {missing[0]} is not in {prepared.name}")
+            raise ConfigError(f"devices.users: {missing[0]} is not an owner in {prepared.name}")
         pool = np.array([index[u] for u in scenario.users])
     elif scenario.users == "random":
         pool = rng.permutation(streaming)
@@ -150,7 +146,7 @@ def choose_users(scenario: Scenario, prepared: Prepared, rng: np.random.Generato
 
 
 class Runner:
-    def __init__(self, scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bus,
+    def __init__(self, scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], bus,
                  topics: Topics | None = None, on_step: Callable[[RunState], None] | None = None) -> None:
         self.scenario = scenario
         self.prepared = prepared
@@ -163,8 +159,9 @@ class Runner:
         self.pending: list[_Job] = []
         seed = scenario.seed
         self._rng = lambda *key: np.random.default_rng([seed, *key])
+        self.task = task_named(scenario.task)
         users = choose_users(scenario, prepared, self._rng(0))
-        self.devices = [DeviceStream(i, prepared, int(u), scenario.eval_negatives) for i, u in enumerate(users)]
+        self.devices = [self.task.device_stream(i, prepared, int(u)) for i, u in enumerate(users)]
         names = list(scenario.network_mix)
         shares = np.array([scenario.network_mix[n] for n in names])
         picks = self._rng(1).choice(len(names), size=len(self.devices), p=shares / shares.sum())
@@ -172,15 +169,15 @@ class Runner:
             d.device_id: scenario.profiles[names[k]] for d, k in zip(self.devices, picks)}
         self.shifts = [SHIFTS[s.kind](prepared, s.params) for s in scenario.shifts]
         self.agents: dict[tuple[str, str], DeviceAgent] = {}
-        self._first_time = min((int(prepared.times[prepared.offsets[d.user] + prepared.known[d.user]])
-                                for d in self.devices if not d.exhausted), default=0)
+        self._first_time = min((d.next_time() for d in self.devices if not d.exhausted), default=0) \
+            if scenario.arrivals == "replay" else 0
         self.finetune = FinetuneConfig(steps=scenario.finetune_steps, lr=scenario.finetune_lr,
                                        recent=scenario.finetune_recent)
         self.recent = scenario.finetune_recent if "finetune" in scenario.methods else 0
 
     # -- simpy processes -------------------------------------------------------------------------
 
-    def _next_start(self, device: DeviceStream, rng: np.random.Generator, last: float) -> float:
+    def _next_start(self, device, rng: np.random.Generator, last: float) -> float:
         """The next arrival: counted from the last one (not from when its delay ended), so that
         measured delays move a start only when they overlap the next arrival; a run stays
         reproducible unless a session's delay is longer than the gap to the next."""
@@ -188,10 +185,10 @@ class Runner:
         if s.arrivals == "poisson":
             t = last + rng.exponential(3600.0 / s.rate_per_hour)
         else:
-            t = (device.queue[0].start_time - self._first_time) * s.time_scale
+            t = (device.next_time() - self._first_time) * s.time_scale
         return math.ceil(max(t, self.env.now) / s.window_s - 1e-9) * s.window_s
 
-    def _device(self, device: DeviceStream):
+    def _device(self, device):
         rng = self._rng(2, device.index)
         start = 0.0
         while not device.exhausted:
@@ -201,7 +198,8 @@ class Runner:
             yield self.env.timeout(start - self.env.now)
             if device.exhausted:  # nothing left to click
                 return
-            job = _Job(device, device.next_session(rng, self.recent), self.env.now, self.env.event())
+            owner = device.owner_id
+            job = _Job(device, device.next_session(rng, self.recent), self.env.now, self.env.event(), owner)
             self.pending.append(job)
             yield job.done
             yield self.env.timeout(job.delay_s)
@@ -212,7 +210,7 @@ class Runner:
         rng = self._rng(3, index)
         if spec.devices is not None:
             wanted = set(spec.devices)
-            chosen = [d for d in self.devices if int(self.prepared.raw_user_ids[d.home_user]) in wanted]
+            chosen = [d for d in self.devices if d.home_id in wanted]
         else:
             count = max(1, round(spec.fraction * len(self.devices)))
             chosen = [self.devices[i] for i in sorted(rng.choice(len(self.devices), count, replace=False))]
@@ -222,7 +220,7 @@ class Runner:
 
     # -- the real work ---------------------------------------------------------------------------
 
-    def _agent(self, device: DeviceStream, method: str) -> DeviceAgent:
+    def _agent(self, device, method: str) -> DeviceAgent:
         key = (device.device_id, method)
         agent = self.agents.get(key)
         if agent is None:
@@ -261,15 +259,13 @@ class Runner:
         self.state.sessions += len(jobs)
 
     def _record(self, job: _Job, method: str, report: SessionReport) -> SessionRecord:
-        k = self.scenario.eval_negatives + 1
-        metrics = ranking_metrics(report.scores.reshape(-1, k))
         d = report.delay_ms
         factor = self.scenario.compute_factor
         profile = self.profile[job.device.device_id]
         up, down = report.payload_bytes.get("upload", 0), report.payload_bytes.get("download", 0)
         upload_ms = profile.transfer_ms(up) if up else 0.0
         download_ms = profile.transfer_ms(down) if down else 0.0
-        compute = d.get("device_compute_ms", 0.0) * factor
+        compute = (d.get("device_compute_ms", 0.0) + d.get("embed_ms", 0.0)) * factor
         finetune = d.get("finetune_ms", 0.0) * factor
         if report.fallback:
             waited = self.scenario.deadline_s * 1000
@@ -277,10 +273,9 @@ class Runner:
             waited = d.get("bus_ms", 0.0) + d.get("cloud_ms", 0.0)
         return SessionRecord(
             session_id=job.session.session_id, device_id=job.device.device_id,
-            user=int(self.prepared.raw_user_ids[job.device.user]), method=method, profile=profile.name,
+            user=job.owner, method=method, profile=profile.name,
             start_s=job.start_s, index=job.device.sessions_done, samples=len(job.session.samples),
-            auc=metrics["auc"], ndcg10=metrics["ndcg10"], hr10=metrics["hr10"], logloss=metrics["logloss"],
-            fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
+            metrics=self.task.session_metrics(report.scores, job.session), fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
             download_ms=download_ms, bus_ms=d.get("bus_ms", 0.0), cloud_ms=d.get("cloud_ms", 0.0),
             generation_ms=d.get("generation_ms", 0.0), finetune_ms=finetune, compute_ms=compute,
             total_ms=upload_ms + waited + download_ms + finetune + compute,
@@ -297,7 +292,7 @@ class Runner:
             group_id=f"duet-run-{s.name}", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
             weight_encoding=s.weight_encoding, topics=self.topics)) for _ in range(s.workers)]
         fleet = Fleet(bus, FleetConfig(fleet_id=f"run-{s.name}", deadline_s=s.deadline_s, topics=self.topics,
-                                       finetune=self.finetune))
+                                       finetune=self.finetune, upload=s.upload))
         stop = asyncio.Event()
         tasks = []
         self.state.cloud, self.state.fleet = services, fleet
@@ -363,20 +358,22 @@ class Runner:
 # -- a whole run ------------------------------------------------------------------------------------
 
 def scenario_doc(scenario: Scenario) -> dict:
-    """The scenario as results.json records it."""
+    """The scenario as results.json records it, with its task's per-session metrics."""
     doc = asdict(scenario)
+    task = task_named(scenario.task)
     doc["profiles"] = {name: asdict(p) for name, p in scenario.profiles.items()}
     doc["shifts"] = [asdict(sh) for sh in scenario.shifts]
     doc["devices"] = scenario.device_count
     doc["generators"] = {m: scenario.generators(m) for m in scenario.methods if scenario.generators(m)}
+    doc["metrics"], doc["primary"] = list(task.session_metrics_names), task.primary
     return json.loads(json.dumps(doc))  # plain JSON types, as the file will hold them
 
 
-def load_checkpoints(scenario: Scenario, prepared: Prepared, progress=None) -> dict[str, Checkpoint]:
+def load_checkpoints(scenario: Scenario, prepared: Any, progress=None) -> dict[str, Checkpoint]:
     """The scenario's checkpoints: the given files, the rest trained once and cached next to the output."""
     needed = {"base" if m in LOCAL_METHODS else m for m in scenario.methods}
     out: dict[str, Checkpoint] = {}
-    train = TrainConfig(epochs=scenario.epochs, batch_size=scenario.batch_size)
+    config = scenario.eval_config()
     for method in sorted(needed):
         if method in scenario.checkpoints:
             ckpt = checkpoint.load(scenario.checkpoints[method])
@@ -384,35 +381,29 @@ def load_checkpoints(scenario: Scenario, prepared: Prepared, progress=None) -> d
                 raise ConfigError(f"model.checkpoints.{method}: {scenario.checkpoints[method]} was trained on "
                                   f"{ckpt.dataset} with {ckpt.prep}, the scenario streams {prepared.name} with "
                                   f"{prepared.config}; streamed sessions must be held out of training "
-                                  f"(`duet train --holdout {scenario.holdout}`)")
+                                  f"(`duet train --holdout {prepared.config.holdout}`)")
         else:
-            n_p = scenario.generators(method)
-            ppg = None if n_p is None else PPGConfig(n_generators=n_p, tau=scenario.tau)
-            config = ModelConfig(backbone=scenario.backbone, ppg=ppg)
-            ckpt = checkpoint.cached(Path(scenario.output).parent / ".checkpoints", prepared, config, train,
+            ckpt = checkpoint.cached(Path(scenario.output).parent / ".checkpoints", config, prepared, method,
                                      scenario.seed, progress=progress)
-        expected = "base" if method == "base" else "duet"
-        if (ckpt.model.config.ppg is None) != (expected == "base"):
+        if ckpt.model.generative == (method == "base"):
             raise ConfigError(f"model.checkpoints.{method}: {ckpt.model_version} is not a {method} model")
         out[method] = ckpt
     return out
 
 
-def prepare_data(scenario: Scenario) -> Prepared:
+def prepare_data(scenario: Scenario) -> Any:
     """Load and prepare the scenario's data; check the parts of the scenario that depend on it."""
-    data = load_dataset(scenario.dataset, scenario.data_path)
-    config = PrepConfig(history_len=scenario.history_len, eval_negatives=scenario.eval_negatives,
-                        sessions=SessionConfig(length=scenario.session_length), holdout=scenario.holdout)
-    prepared = prepare(data, config, seed=scenario.seed)
-    # What only the data can tell (unknown user ids, genres), before anything is trained.
+    prepared = task_named(scenario.task).prepare(scenario.eval_config(), scenario.seed)
+    # What only the data can tell (unknown owner ids, genres), before anything is trained.
     chosen = choose_users(scenario, prepared, np.random.default_rng([scenario.seed, 0]))
-    users = {int(prepared.raw_user_ids[u]) for u in chosen}
+    raw_ids = task_named(scenario.task).stream_owners(prepared)[0]
+    users = {int(raw_ids[u]) for u in chosen}
     for i, spec in enumerate(scenario.shifts):
         SHIFTS[spec.kind](prepared, spec.params)
         absent = [u for u in spec.devices or () if u not in users]
         if absent:
-            raise ConfigError(f"shifts[{i}].devices: user {absent[0]} has no device in this run "
-                              f"(devices.users / devices.count decide which users do)")
+            raise ConfigError(f"shifts[{i}].devices: owner {absent[0]} has no device in this run "
+                              f"(devices.users / devices.count decide which owners do)")
     return prepared
 
 
@@ -431,7 +422,7 @@ def kafka_security(scenario: Scenario) -> Security | None:
         raise ConfigError(f"bus.security: {exc}") from exc
 
 
-async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
+async def run_async(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
                     on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None,
                     security: Security | None = None) -> RunState:
     bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=security)
@@ -442,7 +433,7 @@ async def run_async(scenario: Scenario, prepared: Prepared, checkpoints: dict[st
         await bus.stop()
 
 
-def run_scenario(scenario: Scenario, prepared: Prepared, checkpoints: dict[str, Checkpoint],
+def run_scenario(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint],
                  on_step: Callable[[RunState], None] | None = None) -> tuple[dict, Path]:
     """Run a scenario end to end and write its report; return the results document and the output folder.
 

@@ -19,9 +19,11 @@ import yaml
 from duet_bus.bus import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from duet_bus.errors import ConfigError
 from duet_bus.shifts import SHIFTS
+from duet_bus.tasks import TASKS, task_for
 
-BACKBONES = ("din", "sasrec", "gru4rec")
-DATASETS = ("ml-100k", "ml-1m")
+DATASETS = tuple(d for task in TASKS.values() for d in task.datasets)
+NOT_BUNDLED = {"ml-1m": "give the path of its ratings.dat",
+               "ck+": "its licence forbids shipping it; give the folder with cohn-kanade-images/ and Emotion/"}
 _METHOD = re.compile(r"^(base|finetune|duet_no_swa|duet|duet_np([1-9][0-9]?))$")
 
 
@@ -73,17 +75,18 @@ class Scenario:
     name: str
     seed: int
     # data
+    task: str
     dataset: str
     data_path: str | None
-    history_len: int
-    session_length: int
-    holdout: float
-    eval_negatives: int
+    prep: Any  # the task's data preparation (`PrepConfig`, `ImagePrepConfig`)
     # model
     backbone: str
     checkpoints: dict[str, str]
     epochs: int
     batch_size: int
+    lr: float
+    width: float  # vision backbones: MobileNetV3's width multiplier
+    small_input: bool  # vision backbones: stride 1 in the stem
     n_generators: int
     tau: float
     methods: tuple[str, ...]
@@ -97,6 +100,7 @@ class Scenario:
     profiles: dict[str, NetworkProfile]
     compute_factor: float
     deadline_s: float
+    upload: str  # what a device uploads: samples (item ids, images) or embeddings (image features)
     # arrivals
     arrivals: str
     rate_per_hour: float
@@ -124,6 +128,23 @@ class Scenario:
             return 1
         match = _METHOD.match(method)
         return int(match.group(2)) if match and match.group(2) else None
+
+    def eval_config(self):
+        """The scenario's data, model and training as `duet evaluate` would run them (one seed)."""
+        from duet_bus.evaluate import EvalConfig
+        from duet_bus.finetune import FinetuneConfig
+        from duet_bus.models import PPGConfig
+        from duet_bus.train import TrainConfig
+
+        patience = task_for(self.dataset).default_train().patience
+        return EvalConfig(dataset=self.dataset, data_path=self.data_path, backbone=self.backbone, seeds=(self.seed,),
+                          methods=self.methods, prep=self.prep,
+                          train=TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr,
+                                            patience=patience),
+                          finetune=FinetuneConfig(steps=self.finetune_steps, lr=self.finetune_lr,
+                                                  recent=self.finetune_recent),
+                          swa=PPGConfig(n_generators=self.n_generators, tau=self.tau), width=self.width,
+                          small_input=self.small_input)
 
 
 # -- the schema --------------------------------------------------------------------------
@@ -269,15 +290,33 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     name = r.get(top, "", "name", "str")
     seed = r.get(top, "", "seed", "int", 0, min=0)
 
-    data = r.section(top.get("data"), "data", ("dataset", "path", "history_len", "session_length", "holdout",
-                                               "eval_negatives"))
+    data_keys = tuple(dict.fromkeys(k for t in TASKS.values() for k in t.scenario_data))
+    data = r.section(top.get("data"), "data", ("dataset", "path", *data_keys))
     dataset = r.get(data, "data", "dataset", "str", "ml-100k", choices=DATASETS)
+    task = task_for(dataset if dataset in DATASETS else "ml-100k")
     data_path = r.get(data, "data", "path", "str", None)
     _check_file(r, "data.path", data_path)
-    if dataset == "ml-1m" and data_path is None:
-        r.fail("data.path", "ml-1m is not bundled: give the path of its ratings.dat")
+    if dataset in NOT_BUNDLED and data_path is None:
+        r.fail("data.path", f"{dataset} is not bundled: {NOT_BUNDLED[dataset]}")
+    values = {}
+    for key in data:
+        if key in data_keys and key not in task.scenario_data:
+            owners = [t.name for t in TASKS.values() if key in t.scenario_data]
+            r.fail(f"data.{key}", f"only for {' or '.join(owners)} data sets; {dataset} is {task.name}")
+    for key, (kind, default, limits) in task.scenario_data.items():
+        values[key] = r.get(data, "data", key, kind, default, **limits)
+    prep = None
+    if all(v is not None for v in values.values()):
+        try:
+            prep = task.prep_from_scenario(values)
+        except ConfigError as exc:
+            r.problems.append(str(exc))
 
-    model = r.section(top.get("model"), "model", ("backbone", "checkpoints", "epochs", "batch_size", "swa"))
+    model = r.section(top.get("model"), "model", ("backbone", "checkpoints", "epochs", "batch_size", "lr", "width",
+                                                  "small_input", "swa"))
+    for key in ("width", "small_input"):
+        if key in model and key not in task.model_options:
+            r.fail(f"model.{key}", f"only for image backbones; {dataset} is {task.name}")
     checkpoints = r.section(model.get("checkpoints"), "model.checkpoints", ("base", "duet_no_swa", "duet"))
     for key, value in checkpoints.items():
         if not isinstance(value, str):
@@ -298,7 +337,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
 
     ft = r.section(top.get("finetune"), "finetune", ("steps", "lr", "recent"))
 
-    dev = r.section(top.get("devices"), "devices", ("count", "users", "network", "compute_factor", "deadline"))
+    dev = r.section(top.get("devices"), "devices", ("count", "users", "network", "compute_factor", "deadline",
+                                                    "upload"))
     users = dev.get("users", "first")
     if isinstance(users, list):
         if not users or not all(isinstance(u, int) and not isinstance(u, bool) for u in users):
@@ -334,6 +374,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
 
     arr = r.section(top.get("arrivals"), "arrivals", ("kind", "rate_per_hour", "time_scale"))
     arrivals = r.get(arr, "arrivals", "kind", "str", "poisson", choices=("poisson", "replay"))
+    if arrivals == "replay" and not task.timestamps:
+        r.fail("arrivals.kind", f"{dataset} sessions carry no timestamps to replay; use poisson")
 
     shifts = []
     shift_docs = top.get("shifts") or []
@@ -341,7 +383,12 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         r.fail("shifts", f"must be a list, got {_show(shift_docs)}")
         shift_docs = []
     for i, sdoc in enumerate(shift_docs):
-        shifts.append(_read_shift(r, sdoc, f"shifts[{i}]"))
+        shift = _read_shift(r, sdoc, f"shifts[{i}]")
+        if shift is not None and task.name not in SHIFTS[shift.kind].TASKS:
+            r.fail(f"shifts[{i}].kind", f"{shift.kind} shifts {' and '.join(SHIFTS[shift.kind].TASKS)} devices; "
+                                        f"{dataset} is {task.name}; its shifts: "
+                                        + ", ".join(k for k, c in SHIFTS.items() if task.name in c.TASKS))
+        shifts.append(shift)
 
     bus = r.section(top.get("bus"), "bus", ("bootstrap", "kind", "security"))
     sec = r.section(bus.get("security"), "bus.security",
@@ -350,15 +397,14 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
 
     scenario = dict(
         name=name, seed=seed,
-        dataset=dataset, data_path=data_path,
-        history_len=r.get(data, "data", "history_len", "int", 10, min=1),
-        session_length=r.get(data, "data", "session_length", "int", 5, min=1),
-        holdout=r.get(data, "data", "holdout", "float", 0.3, gt=0, lt=1),
-        eval_negatives=r.get(data, "data", "eval_negatives", "int", 100, min=1),
-        backbone=r.get(model, "model", "backbone", "str", "gru4rec", choices=BACKBONES),
+        task=task.name, dataset=dataset, data_path=data_path, prep=prep,
+        backbone=r.get(model, "model", "backbone", "str", task.scenario_model["backbone"], choices=task.backbones),
         checkpoints={k: v for k, v in checkpoints.items() if isinstance(v, str)},
-        epochs=r.get(model, "model", "epochs", "int", 10, min=1),
-        batch_size=r.get(model, "model", "batch_size", "int", 256, min=1),
+        epochs=r.get(model, "model", "epochs", "int", task.scenario_model["epochs"], min=1),
+        batch_size=r.get(model, "model", "batch_size", "int", task.scenario_model["batch_size"], min=1),
+        lr=r.get(model, "model", "lr", "float", task.scenario_model["lr"], gt=0),
+        width=r.get(model, "model", "width", "float", 1.0, gt=0),
+        small_input=r.get(model, "model", "small_input", "bool", False),
         n_generators=r.get(swa, "model.swa", "generators", "int", 5, min=1),
         tau=r.get(swa, "model.swa", "tau", "float", 0.1, gt=0),
         methods=tuple(methods),
@@ -371,6 +417,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         profiles=profiles,
         compute_factor=r.get(dev, "devices", "compute_factor", "float", 1.0, gt=0),
         deadline_s=r.get(dev, "devices", "deadline", "duration", 2.0, gt=0),
+        upload=r.get(dev, "devices", "upload", "str", "samples", choices=("samples", "embeddings")),
         arrivals=arrivals,
         rate_per_hour=r.get(arr, "arrivals", "rate_per_hour", "float", 1.0, gt=0),
         time_scale=r.get(arr, "arrivals", "time_scale", "float", 1e-3, gt=0),

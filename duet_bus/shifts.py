@@ -1,12 +1,14 @@
-"""Distribution shifts: named, seeded changes to what devices click.
+"""Distribution shifts: named, seeded changes to what devices click or photograph.
 
 A scenario applies a shift at a virtual time to a fraction of the devices (or
-to the devices of listed users). Each kind is a small class:
+to the devices of listed users / owners). Each kind is a small class that
+says which tasks it applies to (``TASKS``):
 
-- ``handover``: the device changes hands. From the shift on it streams another
-  user's held-out sessions (chosen with the scenario seed); its click log, and
-  so its history and real-time samples, keep the old owner's clicks until the
-  new owner's replace them.
+- ``handover`` (both tasks): the device changes hands. From the shift on it
+  streams another owner's held-out sessions (chosen with the scenario seed).
+  A recommendation device's click log, and so its history and real-time
+  samples, keep the old owner's clicks until the new owner's replace them; a
+  camera device takes the new owner's pictures through its own camera.
 - ``interest_drift``: the device's user turns to other genres. From the shift
   on, each click is replaced with probability ``strength`` by an item of the
   target genres (``genres``, default: one genre the device has clicked least
@@ -25,9 +27,11 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from duet_bus.data.images import CORRUPTIONS, corrupt
 from duet_bus.data.prep import Prepared
-from duet_bus.data.streams import DeviceStream
+from duet_bus.data.streams import DeviceStream, ImageStream
 from duet_bus.errors import ConfigError
+from duet_bus.tasks import task_for
 
 SHIFTS: dict[str, type["Shift"]] = {}
 
@@ -42,6 +46,7 @@ class Shift:
 
     KIND: ClassVar[str] = ""
     PARAMS: ClassVar[dict[str, tuple[Any, str]]] = {}
+    TASKS: ClassVar[tuple[str, ...]] = ("recommendation",)  # the tasks whose devices it can shift
 
     @classmethod
     def check_params(cls, doc: dict, params: dict) -> list[tuple[str, str]]:
@@ -72,10 +77,14 @@ class Shift:
 class Handover(Shift):
     KIND = "handover"
     PARAMS = {}
+    TASKS = ("recommendation", "image_classification")
 
-    def apply(self, device: DeviceStream, rng: np.random.Generator) -> None:
-        others = np.flatnonzero((self.prepared.lengths() > self.prepared.known) &
-                                (np.arange(self.prepared.n_users) != device.user))
+    def __init__(self, prepared, params: dict[str, Any]) -> None:
+        super().__init__(prepared, params)
+        self.streaming = task_for(prepared.name).stream_owners(prepared)[1]
+
+    def apply(self, device, rng: np.random.Generator) -> None:
+        others = self.streaming[self.streaming != device.user]
         if len(others):
             device.switch_to(int(rng.choice(others)))
 
@@ -134,3 +143,55 @@ class InterestDrift(Shift):
             return out
 
         device.transform = drift
+
+
+@register_shift
+class LabelMix(Shift):
+    KIND = "label_mix"
+    PARAMS = {"alpha": (0.3, "Dirichlet concentration of the new class mix (small: few classes)")}
+    TASKS = ("image_classification",)
+
+    @classmethod
+    def check(cls, key: str, value: Any) -> str | None:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            return "must be a positive number"
+        return None
+
+    def __init__(self, prepared, params: dict[str, Any]) -> None:
+        super().__init__(prepared, params)
+        pool = prepared.sessions[prepared.split("stream")].ravel()  # pictures no model was trained on
+        self.by_class = [pool[prepared.labels[pool] == c] for c in range(prepared.n_classes)]
+        self.classes = np.array([c for c, members in enumerate(self.by_class) if len(members)])
+
+    def apply(self, device: ImageStream, rng: np.random.Generator) -> None:
+        mix = rng.dirichlet(np.full(len(self.classes), float(self.params["alpha"])))
+        length = self.prepared.config.session_length
+        for i in range(len(device.queue)):
+            labels = rng.choice(self.classes, size=length, p=mix)
+            device.queue[i] = np.array([rng.choice(self.by_class[c]) for c in labels])
+
+
+@register_shift
+class Corruption(Shift):
+    KIND = "corruption"
+    PARAMS = {
+        "type": ("noise", f"one of {', '.join(CORRUPTIONS)}"),
+        "severity": (3, "1 (mild) to 5 (severe)"),
+    }
+    TASKS = ("image_classification",)
+
+    @classmethod
+    def check(cls, key: str, value: Any) -> str | None:
+        if key == "type" and value not in CORRUPTIONS:
+            return f"must be one of {', '.join(CORRUPTIONS)}"
+        if key == "severity" and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 5):
+            return "must be an integer from 1 to 5"
+        return None
+
+    def apply(self, device: ImageStream, rng: np.random.Generator) -> None:
+        kind, severity, before = self.params["type"], self.params["severity"], device.transform
+
+        def damaged(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+            return corrupt(images if before is None else before(images, rng), kind, severity, rng)
+
+        device.transform = damaged  # on top of any earlier corruption

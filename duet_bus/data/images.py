@@ -161,6 +161,55 @@ def rotate(images: np.ndarray, degrees: float) -> np.ndarray:
     return out
 
 
+# Corruptions at severities 1-5, in the spirit of ImageNet-C (Hendrycks & Dietterich, 2019), with
+# levels scaled for small grey images: the parameter of each kind at each severity.
+CORRUPTIONS: dict[str, tuple[float, ...]] = {
+    "brightness": (0.1, 0.2, 0.3, 0.4, 0.5),  # added to every pixel
+    "contrast": (0.75, 0.6, 0.45, 0.3, 0.15),  # factor on the distance from the image's mean
+    "noise": (0.04, 0.08, 0.12, 0.18, 0.26),  # standard deviation of Gaussian noise
+    "blur": (0.5, 0.8, 1.1, 1.5, 2.0),  # Gaussian blur sigma, pixels
+    "rotation": (10.0, 20.0, 30.0, 45.0, 60.0),  # degrees
+}
+
+
+def corrupt(images: np.ndarray, kind: str, severity: int, rng: np.random.Generator) -> np.ndarray:
+    """``(N, C, H, W)`` float images in [0, 1] corrupted by ``kind`` at ``severity`` 1-5, still in [0, 1]."""
+    if kind not in CORRUPTIONS:
+        raise ConfigError(f"corruption: unknown kind {kind!r}; choose one of {', '.join(CORRUPTIONS)}")
+    if not isinstance(severity, int) or not 1 <= severity <= 5:
+        raise ConfigError(f"corruption: severity must be an integer 1-5, got {severity!r}")
+    level = CORRUPTIONS[kind][severity - 1]
+    x = images.astype(np.float32)
+    if kind == "brightness":
+        x = x + level
+    elif kind == "contrast":
+        mean = x.mean(axis=(2, 3), keepdims=True)
+        x = (x - mean) * level + mean
+    elif kind == "noise":
+        x = x + rng.normal(0.0, level, x.shape).astype(np.float32)
+    elif kind == "blur":
+        x = gaussian_blur(x, level)
+    else:
+        n, c, h, w = x.shape
+        x = rotate(x.reshape(n * c, h, w), level).reshape(n, c, h, w)
+    return np.clip(x, 0.0, 1.0)
+
+
+def gaussian_blur(images: np.ndarray, sigma: float) -> np.ndarray:
+    """Separable Gaussian blur of ``(..., H, W)`` images (edges reflected)."""
+    radius = max(1, int(np.ceil(3 * sigma)))
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps /= taps.sum()
+    out = images
+    for axis in (-2, -1):
+        pad = [(0, 0)] * out.ndim
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect")
+        size = out.shape[axis]
+        out = sum(t * np.take(padded, np.arange(k, k + size), axis=axis) for k, t in enumerate(taps))
+    return out.astype(images.dtype)
+
+
 # -- devices and sessions ------------------------------------------------------------------------
 
 @dataclass
@@ -238,6 +287,15 @@ class PreparedImages:
     session_device: np.ndarray  # (S,)
     session_split: np.ndarray  # (S,) index into SPLITS
     source: str
+    raw: np.ndarray | None = None  # (N, H, W) uint8 before any camera; None where images are already final
+
+    def render(self, index: np.ndarray, camera: int) -> np.ndarray:
+        """Images ``(n, C, H, W)`` as device ``camera`` would take them: its own images are what it saw;
+        another device's pictures are re-taken through this camera (a shift that changes what a device
+        photographs keeps how it photographs)."""
+        if self.raw is None or not self.cameras:
+            return self.images[index]
+        return self.cameras[camera].apply(self.raw[index])[:, None]
 
     @property
     def n_classes(self) -> int:
@@ -307,7 +365,7 @@ def prepare_images(data: ImageSet, config: ImagePrepConfig, seed: int, name: str
                         f"more images")
     return PreparedImages(name, config, data.classes, seen, labels, owner, cameras,
                           np.concatenate(sessions), np.concatenate(session_device), np.concatenate(session_split),
-                          source=name)
+                          source=name, raw=images)
 
 
 def _time_splits(count: int, config: ImagePrepConfig) -> np.ndarray:

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from duet_bus.data.images import SPLITS, ImageSamples, PreparedImages
 from duet_bus.data.prep import Prepared, Samples
 from duet_bus.data.sessions import session_bounds
 
@@ -108,6 +109,20 @@ class DeviceStream:
     def exhausted(self) -> bool:
         return not self.queue
 
+    @property
+    def home_id(self) -> int:
+        """Raw id of the user the device started with (what a scenario's ``devices`` lists)."""
+        return int(self.prepared.raw_user_ids[self.home_user])
+
+    @property
+    def owner_id(self) -> int:
+        """Raw id of the user whose sessions the device streams now."""
+        return int(self.prepared.raw_user_ids[self.user])
+
+    def next_time(self) -> int:
+        """Dataset timestamp of the next session (``arrivals: replay``)."""
+        return self.queue[0].start_time
+
     def next_session(self, rng: np.random.Generator, recent: int = 0) -> DeviceSession:
         """Cut the device's next session: score each click given the clicks before it."""
         source = self.queue.pop(0)
@@ -139,3 +154,68 @@ class DeviceStream:
         zeros = np.zeros(len(pos), np.int64)
         return Samples(users, history, history_len, history.copy(), history_len.copy(), targets, labels,
                        np.ones(len(pos), np.float32), zeros)
+
+SPLIT_STREAM = SPLITS.index("stream")
+
+
+class ImageStream:
+    """What one simulated camera device photographs, session after session.
+
+    The device streams its owner's held-out sessions (the ``stream`` split,
+    never trained on), each taken through the device's own camera. It keeps
+    its own log of the images it saw, with their labels: on-device
+    fine-tuning learns from the last of them. Shifts change what it
+    photographs (``switch_to`` another owner's sessions, a new ``queue``) or
+    how the pictures come out (``transform``, e.g. a corruption).
+    """
+
+    LOG = 256  # labelled images a device keeps for fine-tuning
+
+    def __init__(self, index: int, prepared: PreparedImages, owner: int) -> None:
+        self.index = index
+        self.prepared = prepared
+        self.device_id = f"d{index:05d}-u{owner}"
+        self.home_user = owner
+        self.camera = owner  # the device's camera stays with the device
+        mine = (prepared.session_device == owner) & (prepared.session_split != SPLIT_STREAM)
+        seen = prepared.sessions[mine].ravel()[-self.LOG:]
+        self.log_images = prepared.images[seen]
+        self.log_labels = prepared.labels[seen]
+        self.switch_to(owner)
+        self.transform = None  # (images, rng) -> images
+        self.sessions_done = 0
+
+    def switch_to(self, owner: int) -> None:
+        """From now on, photograph what ``owner`` photographed in its held-out sessions."""
+        self.user = owner
+        stream = (self.prepared.session_device == owner) & (self.prepared.session_split == SPLIT_STREAM)
+        self.queue: list[np.ndarray] = list(self.prepared.sessions[stream])
+
+    @property
+    def exhausted(self) -> bool:
+        return not self.queue
+
+    @property
+    def home_id(self) -> int:
+        return self.home_user
+
+    @property
+    def owner_id(self) -> int:
+        return self.user
+
+    def next_time(self) -> int:
+        raise NotImplementedError("image sessions carry no timestamps to replay")
+
+    def next_session(self, rng: np.random.Generator, recent: int = 0) -> DeviceSession:
+        index = self.queue.pop(0)
+        images = self.prepared.render(index, self.camera)
+        if self.transform is not None:
+            images = self.transform(images, rng)
+        labels = self.prepared.labels[index]
+        realtime = self.prepared.config.realtime
+        labelled = ImageSamples(self.log_images[-recent:], self.log_labels[-recent:]) if recent else None
+        self.log_images = np.concatenate([self.log_images, images])[-self.LOG:]
+        self.log_labels = np.concatenate([self.log_labels, labels])[-self.LOG:]
+        self.sessions_done += 1
+        return DeviceSession(f"{self.device_id}-s{self.sessions_done}", self.device_id, images[:realtime],
+                             ImageSamples(images[realtime:], labels[realtime:]), labelled, realtime_kind="images")

@@ -144,6 +144,38 @@ class Task:
         """Where the data came from, for the results document."""
         raise NotImplementedError
 
+    # -- the scenario runner (`duet run`) --------------------------------------------------------
+
+    # What a scenario's ``data`` section may set for this task, beyond dataset and path:
+    # key -> (kind, default, limits) as `duet_bus.scenario` reads them.
+    scenario_data: ClassVar[dict[str, tuple[str, Any, dict]]] = {}
+    # Defaults of a scenario's ``model`` section: backbone, epochs, batch_size, lr.
+    scenario_model: ClassVar[dict[str, Any]] = {}
+    model_options: ClassVar[tuple[str, ...]] = ()  # further ``model`` keys this task's backbones take
+    session_metrics_names: ClassVar[tuple[str, ...]]  # the columns of one session's row
+    timestamps: ClassVar[bool] = False  # held-out sessions carry dataset times (``arrivals: replay``)
+
+    def prep_from_scenario(self, values: dict[str, Any]) -> Any:
+        """The data preparation from a scenario's ``data`` values (`ConfigError` names a bad one)."""
+        raise NotImplementedError
+
+    def fingerprint(self, prepared: Any) -> dict[str, Any]:
+        """What tells this prepared data from other data with the same preparation (checkpoint cache key)."""
+        raise NotImplementedError
+
+    def stream_owners(self, prepared: Any) -> tuple[Any, Any]:
+        """Raw ids of the data's owners (users, camera devices) by index, and the indices of the owners
+        with held-out sessions to stream."""
+        raise NotImplementedError
+
+    def device_stream(self, index: int, prepared: Any, owner: int) -> Any:
+        """Simulated device ``index`` starting with ``owner``'s held-out sessions (`data.streams`)."""
+        raise NotImplementedError
+
+    def session_metrics(self, scores: Any, session: Any) -> dict[str, float]:
+        """One session's metrics from the scores its device reported."""
+        raise NotImplementedError
+
 
 TASKS: dict[str, Task] = {}
 

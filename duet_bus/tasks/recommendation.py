@@ -24,7 +24,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from duet_bus.data import load_dataset, prepare
 from duet_bus.data.prep import Prepared, PrepConfig
 from duet_bus.finetune import FinetuneConfig, finetune_classifier
-from duet_bus.data.streams import offline_test_sessions
+from duet_bus.data.streams import DeviceStream, offline_test_sessions
 from duet_bus.errors import ConfigError
 from duet_bus.metrics import auc, ranking_metrics
 from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
@@ -164,3 +164,32 @@ class Recommendation(Task):
 
     def pooled_metrics(self, scores: list, labels: list) -> dict[str, float]:
         return {"auc": auc(np.concatenate(labels), np.concatenate(scores))}
+
+    # -- the scenario runner ---------------------------------------------------------------------
+
+    scenario_data = {
+        "history_len": ("int", 10, {"min": 1}),
+        "session_length": ("int", 5, {"min": 1}),
+        "holdout": ("float", 0.3, {"gt": 0, "lt": 1}),
+        "eval_negatives": ("int", 100, {"min": 1}),
+    }
+    scenario_model = {"backbone": "gru4rec", "epochs": 10, "batch_size": 256, "lr": 1e-3}
+    session_metrics_names = ("auc", "ndcg10", "hr10", "logloss")
+    timestamps = True
+
+    def prep_from_scenario(self, values: dict) -> PrepConfig:
+        return PrepConfig(history_len=values["history_len"], eval_negatives=values["eval_negatives"],
+                          sessions=SessionConfig(length=values["session_length"]), holdout=values["holdout"])
+
+    def fingerprint(self, prepared: Prepared) -> dict:
+        return {"n_items": prepared.n_items, "users": prepared.n_users, "interactions": len(prepared.items)}
+
+    def stream_owners(self, prepared: Prepared) -> tuple[np.ndarray, np.ndarray]:
+        return prepared.raw_user_ids, np.flatnonzero(prepared.lengths() > prepared.known)
+
+    def device_stream(self, index: int, prepared: Prepared, owner: int) -> DeviceStream:
+        return DeviceStream(index, prepared, owner, prepared.config.eval_negatives)
+
+    def session_metrics(self, scores: np.ndarray, session) -> dict[str, float]:
+        metrics = ranking_metrics(scores.reshape(-1, session.samples.targets.shape[1]))
+        return {name: metrics[name] for name in self.session_metrics_names}

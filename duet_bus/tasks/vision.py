@@ -33,6 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from duet_bus.data.ckplus import prepare_ckplus
 from duet_bus.data.images import (ImagePrepConfig, ImageSamples, PreparedImages, fashion_mnist_folder,
                                   load_fashion_mnist, prepare_images)
+from duet_bus.data.streams import ImageStream
 from duet_bus.errors import ConfigError
 from duet_bus.metrics import classification_metrics
 from duet_bus.models import PPGConfig
@@ -215,7 +216,7 @@ class ImageClassification(Task):
     def default_train(self) -> TrainConfig:
         # Measured on Fashion-MNIST (20,000 images, MobileNetV3-Small): at 1e-3 the base model is
         # still at 79 % validation accuracy after 4 epochs; 2e-3 gets further in the same time.
-        return TrainConfig(epochs=6, batch_size=64, lr=2e-3, patience=3)
+        return self._train
 
     def source(self, config) -> str:
         if config.dataset == "ck+":
@@ -275,3 +276,37 @@ class ImageClassification(Task):
 
     def pooled_metrics(self, scores: list, labels: list) -> dict[str, float]:
         return classification_metrics(np.concatenate(scores), np.concatenate(labels).astype(np.int64))
+
+    # -- the scenario runner ---------------------------------------------------------------------
+
+    _prep, _train = ImagePrepConfig(), TrainConfig(epochs=6, batch_size=64, lr=2e-3, patience=3)
+    scenario_model = {"backbone": "mobilenetv3_small", "epochs": _train.epochs, "batch_size": _train.batch_size,
+                      "lr": _train.lr}
+    scenario_data = {
+        "devices": ("int", _prep.devices, {"min": 1}),  # camera devices the images are split over
+        "alpha": ("float", _prep.alpha, {"gt": 0}),
+        "camera": ("float", _prep.camera, {"min": 0}),
+        "session_length": ("int", _prep.session_length, {"min": 2}),
+        "realtime": ("int", _prep.realtime, {"min": 1}),
+        "holdout": ("float", 0.3, {"gt": 0, "lt": 1}),
+        "max_images": ("int", _prep.max_images, {"min": 0}),
+        "image_size": ("int", _prep.image_size, {"min": 16}),
+    }
+    model_options = ("width", "small_input")
+    session_metrics_names = ("accuracy", "logloss")
+
+    def prep_from_scenario(self, values: dict) -> ImagePrepConfig:
+        return ImagePrepConfig(**values)
+
+    def fingerprint(self, prepared: PreparedImages) -> dict:
+        return {"images": len(prepared.images), "sessions": len(prepared.sessions), "source": prepared.source}
+
+    def stream_owners(self, prepared: PreparedImages) -> tuple[np.ndarray, np.ndarray]:
+        owners = np.arange(prepared.config.devices if prepared.cameras else prepared.session_device.max() + 1)
+        return owners, np.unique(prepared.session_device[prepared.split("stream")])
+
+    def device_stream(self, index: int, prepared: PreparedImages, owner: int) -> ImageStream:
+        return ImageStream(index, prepared, owner)
+
+    def session_metrics(self, scores: np.ndarray, session) -> dict[str, float]:
+        return classification_metrics(scores, session.samples.labels)
