@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import yaml
 
+from rich.console import Console
+
+from duet_bus.dashboard import render
 from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
 from duet_bus.scenario import load_scenario
 
@@ -35,11 +38,11 @@ def scenario_file(fashion_shared, tmp_path_factory):
     return path
 
 
-def run(path, label, bootstrap, **changes):
+def run(path, label, bootstrap, on_step=None, **changes):
     scenario = load_scenario(path)
     scenario = replace(scenario, output=str(Path(scenario.output).parent / label), bootstrap=bootstrap, **changes)
     prepared = prepare_data(scenario)
-    return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared))
+    return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared), on_step=on_step)
 
 
 def rows(out):
@@ -48,7 +51,8 @@ def rows(out):
 
 
 def test_camera_devices_run_every_method_through_both_shifts(scenario_file, kafka_bootstrap):
-    doc, out = run(scenario_file, "first", kafka_bootstrap)
+    states = []
+    doc, out = run(scenario_file, "first", kafka_bootstrap, on_step=states.append)
     assert doc["run"]["finished"] and doc["run"]["over_the_bus"]["lost"] == 0
     assert doc["scenario"]["task"] == "image_classification" and doc["scenario"]["primary"] == "accuracy"
     assert set(doc["methods"]) == {"base", "finetune", "duet_no_swa", "duet"}
@@ -66,6 +70,13 @@ def test_camera_devices_run_every_method_through_both_shifts(scenario_file, kafk
     assert labels["devices_shifted"] == corrupted["devices_shifted"] == 4
     assert set(labels["around"]["duet"]["0"]) == {"accuracy_mean", "sessions"}
     assert {p.name for p in out.glob("*.png")} == {"accuracy_around_shifts.png", "delays.png"}
+
+    # The live dashboard speaks the task's metric.
+    console = Console(record=True, width=220)
+    console.print(render(states[-1]))
+    screen = console.export_text()
+    assert "Accuracy since corruption@80m" in screen and "AUC" not in screen
+    assert f"{doc['methods']['base']['accuracy_mean']:.4f}" in screen
 
     # The same scenario and seed give the same sessions and the same per-session accuracy.
     again, out2 = run(scenario_file, "second", kafka_bootstrap)
