@@ -360,7 +360,7 @@ def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str]
         ax.set_xticks(range(-AROUND, AROUND))
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(f"{METRIC_NAMES.get(primary, primary)} per session (mean ± s.e.)")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
+    axes[0][-1].legend(loc="best", fontsize=8)
     fig.suptitle(f"{doc['scenario']['name']}: accuracy around each shift")
     fig.tight_layout()
     path = out / "accuracy_around_shifts.png"

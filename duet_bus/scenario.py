@@ -4,7 +4,8 @@ Everything below this module receives typed objects. Validation reads the
 whole file before anything starts and reports every problem at once, each
 with its path (``devices.count: must be a positive integer, got -3``).
 Durations are seconds or strings with a unit: ``90s``, ``30m``, ``2h``, ``1d``.
-The schema, with every default, is `describe()` (and the README).
+The schema, with every default, is in the README ("Writing a scenario"); the
+data keys of each task are its `Task.scenario_data`.
 """
 
 from __future__ import annotations
