@@ -81,3 +81,30 @@ def test_a_split_left_empty_is_named(tmp_path):
                         prep=ImagePrepConfig(realtime=1, image_size=32, valid=0.0), train=TrainConfig(epochs=1))
     with pytest.raises(ConfigError, match="no valid session among the 12 sessions of ck\\+"):
         evaluate(config, show_progress=False)
+
+
+def test_a_ckplus_scenario_runs_every_method_through_its_shifts(tmp_path):
+    """People as devices through the runner (in-process bus): the same code path as Fashion-MNIST's."""
+    from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
+    from duet_bus.scenario import parse_scenario
+
+    root = write_ckplus(tmp_path / "ck", people=6, videos=6)
+    scenario = parse_scenario({
+        "name": "ck", "seed": 0,
+        "data": {"dataset": "ck+", "path": str(root), "realtime": 1, "image_size": 32, "holdout": 0.4},
+        "model": {"width": 0.25, "epochs": 1, "batch_size": 4, "swa": {"generators": 2}},
+        "finetune": {"steps": 2, "recent": 4},
+        "devices": {"count": 6, "deadline": "20s"},
+        "arrivals": {"rate_per_hour": 4},
+        "shifts": [{"kind": "label_mix", "at": "20m", "fraction": 0.5},
+                   {"kind": "corruption", "at": "40m", "fraction": 0.5, "type": "blur", "severity": 2}],
+        "bus": {"kind": "memory"}, "window": "5m", "duration": "2h", "output": str(tmp_path / "runs" / "ck"),
+        "dashboard": False,
+    })
+    prepared = prepare_data(scenario)
+    doc, out = run_scenario(scenario, prepared, load_checkpoints(scenario, prepared))
+    assert doc["run"]["finished"] and doc["run"]["sessions"] > 0 and doc["run"]["over_the_bus"]["lost"] == 0
+    for method in ("base", "finetune", "duet_no_swa", "duet"):
+        assert 0 <= doc["methods"][method]["accuracy_mean"] <= 1
+        assert doc["methods"][method]["sessions"] == doc["run"]["sessions"]
+    assert [s["kind"] for s in doc["shifts"]] == ["label_mix", "corruption"]
