@@ -178,10 +178,18 @@ class Fleet:
         self._sent[request_id] = None
         if len(self._sent) > _REMEMBERED:
             self._sent.popitem(last=False)
-        begin = time.perf_counter()
-        realtime, kind = agent.checkpoint.model.upload(session.realtime, self.config.upload)
-        if kind == "embeddings":  # the device's static layers ran: device compute before the request
-            delay["embed_ms"] = (time.perf_counter() - begin) * 1000
+        if self.config.upload == "embeddings":
+            # The device's static layers run on its real-time samples before the request: device compute,
+            # off the event loop and one device at a time like scoring (`compute_lock`), so that it neither
+            # stalls other devices' replies nor counts their compute as its own.
+            async with self.compute_lock:
+                begin = time.perf_counter()
+                realtime, kind = await asyncio.to_thread(agent.checkpoint.model.upload, session.realtime,
+                                                         self.config.upload)
+                if kind == "embeddings":
+                    delay["embed_ms"] = (time.perf_counter() - begin) * 1000
+        else:
+            realtime, kind = agent.checkpoint.model.upload(session.realtime, self.config.upload)
         sent_at = time.time()
         deadline = loop.time() + self.config.deadline_s
         request = protocol.encode(SessionStart(

@@ -180,6 +180,20 @@ def around_shift(rows: list[dict], shift: dict, method: str, metric: str = "auc"
     return out
 
 
+def paired_vs_base(rows: list[dict], method: str, metric: str) -> dict[str, float]:
+    """A method against base on the same sessions: the mean per-session difference of ``metric``, its
+    standard error, and the shares of sessions won, tied and lost (every method scores every session,
+    so the pairs are exact; the difference's spread is far smaller than either method's)."""
+    base = {r["session_id"]: r[metric] for r in rows if r["method"] == "base"}
+    diff = np.array([r[metric] - base[r["session_id"]] for r in rows
+                     if r["method"] == method and r["session_id"] in base])
+    if len(diff) == 0:
+        return {"sessions": 0, "mean": 0.0, "se": 0.0, "won": 0.0, "tied": 0.0, "lost": 0.0}
+    se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
+    return {"sessions": len(diff), "mean": float(diff.mean()), "se": se, "won": float((diff > 0).mean()),
+            "tied": float((diff == 0).mean()), "lost": float((diff < 0).mean())}
+
+
 def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dict) -> dict:
     """The ``results.json`` document of a run."""
     metrics, primary = run_metrics(scenario)
@@ -203,6 +217,8 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
             "payload_bytes": {"upload_mean": float(np.mean([r["upload_bytes"] for r in mine])),
                               "download_mean": float(np.mean([r["download_bytes"] for r in mine]))},
         }
+        if m != "base" and any(r["method"] == "base" for r in rows):
+            methods[m]["vs_base"] = paired_vs_base(rows, m, primary)
     shift_docs = []
     for shift in shifts:
         around = {}
@@ -287,21 +303,26 @@ def run_table(doc: dict) -> Table:
         title=f"{scenario['name']}: {run['sessions']} sessions on {scenario['devices']} devices, "
               f"{run['virtual_s'] / 3600:.2f} h virtual in {run['wall_s']:.0f} s wall"
               + (" (INTERRUPTED: partial)" if run.get("interrupted") else ""),
-        caption=f"{name} per session (mean, std over sessions). Delay p50 in ms: measured = bus round trip "
+        caption=f"{name} per session (mean, std over sessions); Δ vs base: the mean per-session difference on "
+                "the same sessions (standard error), and the shares of sessions won/lost against base. "
+                "Delay p50 in ms: measured = bus round trip "
                 f"+ cloud (this machine, {'in-process bus' if scenario['bus_kind'] == 'memory' else 'over Kafka'}); "
                 "modelled = radio upload + download (network profile); "
                 "device = fine-tuning + inference (measured x compute_factor)." + _bus_counts(run),
     )
-    for column in ("Method", "Sessions", f"{name} mean", f"{name} std", *(METRIC_NAMES.get(o, o) for o in others),
-                   "Fallbacks", "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
+    for column in ("Method", "Sessions", f"{name} mean", f"{name} std", "Δ vs base (s.e.)", "won/lost",
+                   *(METRIC_NAMES.get(o, o) for o in others), "Fallbacks", "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
         table.add_column(column, justify="left" if column == "Method" else "right", no_wrap=column == "Method")
     for m, r in doc["methods"].items():
         d = r["delay_ms"]
         measured = d["measured"]["bus_ms"]["p50"] + d["measured"]["cloud_ms"]["p50"]
         modelled = d["modelled"]["upload_ms"]["p50"] + d["modelled"]["download_ms"]["p50"]
         device = d["measured"]["finetune_ms"]["p50"] + d["measured"]["compute_ms"]["p50"]
+        vs = r.get("vs_base")
         table.add_row(LABELS.get(m, m), str(r["sessions"]), f"{r[f'{primary}_mean']:.4f}",
-                      f"{r[f'{primary}_std']:.4f}", *(f"{r[f'{o}_mean']:.4f}" for o in others), str(r["fallbacks"]),
+                      f"{r[f'{primary}_std']:.4f}", f"{vs['mean']:+.4f} ({vs['se']:.4f})" if vs else "",
+                      f"{vs['won']:.0%}/{vs['lost']:.0%}" if vs else "",
+                      *(f"{r[f'{o}_mean']:.4f}" for o in others), str(r["fallbacks"]),
                       f"{d['total']['p50']:.2f}", f"{d['total']['p95']:.2f}", f"{measured:.2f}",
                       f"{modelled:.3f}", f"{device:.2f}",
                       f"{r['payload_bytes']['upload_mean']:.0f}/{r['payload_bytes']['download_mean']:.0f}")

@@ -58,6 +58,14 @@ def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
         assert 0 <= r["auc_mean"] <= 1 and r["fallbacks"] == 0
         assert set(r["delay_ms"]["measured"]) == {"bus_ms", "cloud_ms", "generation_ms", "finetune_ms", "compute_ms"}
         assert set(r["delay_ms"]["modelled"]) == {"upload_ms", "download_ms"}
+    # Every method scores every session, so the paired difference is the difference of the means.
+    base = doc["methods"]["base"]
+    assert "vs_base" not in base
+    for m in ("finetune", "duet_no_swa", "duet"):
+        vs = doc["methods"][m]["vs_base"]
+        assert vs["sessions"] == base["sessions"] and vs["won"] + vs["tied"] + vs["lost"] == pytest.approx(1)
+        assert vs["mean"] == pytest.approx(doc["methods"][m]["auc_mean"] - base["auc_mean"], abs=1e-12)
+        assert 0 < vs["se"] < doc["methods"][m]["auc_std"]
     duet = doc["methods"]["duet"]
     assert duet["delay_ms"]["measured"]["generation_ms"]["p50"] > 0 and duet["payload_bytes"]["download_mean"] > 0
     assert doc["methods"]["base"]["payload_bytes"]["upload_mean"] == 0  # base never asks the cloud
