@@ -8,7 +8,8 @@ depend on their values):
   scores 1 positive + 100 negatives, as on the device);
 - per-device fine-tuning time (k = 10 Adam steps on 10 labelled samples) as a
   ratio against one DUET generation;
-- training time per epoch, DUET (N_p = 5) against base, from timed steps.
+- training time per epoch, DUET (N_p = 5) against base, from timed steps of the training itself
+  (`train.train_step` on `train.session_batches`, the default batch size).
 
 Medians of repeated runs; absolute times are for this machine only, the
 ratios are what to compare.  Run: `make bench` (or python bench/bench_model.py).
@@ -28,7 +29,7 @@ from duet_bus.data import load_dataset, prepare
 from duet_bus.tasks.recommendation import finetune_scores
 from duet_bus.finetune import FinetuneConfig
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
-from duet_bus.train import tensors, weighted_bce
+from duet_bus.train import TrainConfig, optimizer_for, session_batches, tensors, train_step
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -50,7 +51,8 @@ def main() -> None:
     big = tensors(sessions.take(idx))
     one = tensors(sessions.take(idx[:1]))
     train = prepared.train_samples(rng, 1.0)
-    steps_per_epoch = -(-len(train) // 1024)
+    config = TrainConfig()  # the training's own batches (whole sessions) and optimizer
+    steps_per_epoch = len(session_batches(prepared, config.batch_size, rng))
 
     table = Table(title=f"Model cost on this machine (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     for col in ("backbone", "gen 1 (ms)", "base fwd 1 (ms)", "ratio", "gen 1024 (ms)", "base fwd 1024 (ms)",
@@ -73,16 +75,10 @@ def main() -> None:
         epoch = []
         for model in (base, duet):
             model.train()
-            opt = torch.optim.Adam(model.parameters(), 1e-3)
-
-            def step():
-                b = train.take(rng.choice(len(train), 1024, replace=False))
-                loss = weighted_bce(model(**tensors(b)), torch.from_numpy(b.labels), torch.from_numpy(b.weight))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-
-            epoch.append(median_ms(step, 15) * steps_per_epoch / 1000)
+            opt = optimizer_for(model, config)
+            batches = iter(session_batches(prepared, config.batch_size, rng))
+            epoch.append(median_ms(lambda: train_step(model, opt, train.take(next(batches))), 40)
+                         * steps_per_epoch / 1000)
         row += [f"{epoch[0]:.1f}", f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x"]
         table.add_row(*row)
     Console(width=200).print(table)

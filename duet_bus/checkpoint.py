@@ -127,7 +127,8 @@ def cached(cache_dir: str | Path, config, prepared, method: str, seed: int, prog
     recipe = json.dumps({"dataset": prepared.name, "data": task.fingerprint(prepared), "prep": asdict(prepared.config),
                          "backbone": config.backbone, "swa": asdict(config.swa), "dropout": config.dropout,
                          "width": config.width, "small_input": config.small_input, "train": asdict(config.train),
-                         "method": method, "seed": seed, "format": FORMAT}, sort_keys=True)
+                         "method": method, "seed": seed, "format": FORMAT, "training": task.training_version},
+                        sort_keys=True)
     path = Path(cache_dir) / f"{config.backbone}-{method}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)

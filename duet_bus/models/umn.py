@@ -78,16 +78,36 @@ class RecModel(nn.Module):
             lengths[i] = len(recent)
         return torch.from_numpy(realtime), torch.from_numpy(lengths)
 
-    def score(self, history: Tensor, history_len: Tensor, targets: Tensor, weights: LayerWeights) -> Tensor:
-        """Logits ``(B, K)`` for K targets per sample with the given dynamic weights."""
+    def score(self, history: Tensor, history_len: Tensor, targets: Tensor, weights: LayerWeights,
+              sessions: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K)`` for K targets per sample with the given dynamic weights: one set per sample, or
+        (``sessions``: each sample's session row, a session's samples next to each other) one per session."""
         features = self.backbone.features(history, history_len, targets)
-        return self.backbone.readout(apply_dynamic(features, weights), targets)
+        if sessions is None:
+            return self.backbone.readout(apply_dynamic(features, weights), targets)
+        # Lay the samples out as (session, slot): each session's layers apply to its samples in one product.
+        first = _first_of_each(sessions)
+        slot = torch.arange(len(sessions)) - first[sessions]
+        grid = features.new_zeros(len(first), int(slot.max()) + 1, *features.shape[1:])
+        grid = grid.index_put((sessions, slot), features)
+        shape = grid.shape
+        out = apply_dynamic(grid.reshape(shape[0], -1, shape[-1]), weights)
+        return self.backbone.readout(out.view(*shape[:-1], -1)[sessions, slot], targets)
 
     def forward(
-        self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor
+        self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor,
+        sessions: Tensor | None = None,
     ) -> Tensor:
-        """Training and offline scoring: generated layers stay factored (never formed, same result)."""
-        return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len, factored=True))
+        """Training and offline scoring: generated layers stay factored (never formed, same result).
+
+        ``sessions`` (training): each sample's session row, a session's samples next to each other; the
+        session's real-time clicks (the same for all its samples) are encoded and its layers generated once.
+        """
+        if sessions is None or not self.generative:
+            return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len, factored=True))
+        first = _first_of_each(sessions)
+        weights = self.weights_for(realtime[first], realtime_len[first], factored=True)
+        return self.score(history, history_len, targets, weights, sessions)
 
     # -- what a device does with this model (`devices.DeviceAgent` asks) ---------------------------
 
@@ -107,6 +127,11 @@ class RecModel(nn.Module):
         from duet_bus.finetune import finetune_classifier
 
         return finetune_classifier(self, start, recent, config)
+
+
+def _first_of_each(sessions: Tensor) -> Tensor:
+    """Index of each session's first sample, given each sample's session row (rows contiguous, in order)."""
+    return torch.nonzero(torch.cat([sessions.new_ones(1, dtype=torch.bool), sessions[1:] != sessions[:-1]]))[:, 0]
 
 
 def build_model(config: ModelConfig, n_items: int, history_len: int) -> RecModel:

@@ -152,6 +152,8 @@ class Task:
     # Defaults of a scenario's ``model`` section: backbone, epochs, batch_size, lr.
     scenario_model: ClassVar[dict[str, Any]] = {}
     model_options: ClassVar[tuple[str, ...]] = ()  # further ``model`` keys this task's backbones take
+    # Bumped when the task trains differently from the same recipe: cached checkpoints are not reused.
+    training_version: ClassVar[int] = 1
     session_metrics_names: ClassVar[tuple[str, ...]]  # the columns of one session's row
     timestamps: ClassVar[bool] = False  # held-out sessions carry dataset times (``arrivals: replay``)
 
