@@ -32,6 +32,41 @@ def test_shapes_and_batched_generation_equals_one_by_one(backbone, ppg):
     assert torch.allclose(logits, single, atol=1e-5)
 
 
+def test_session_batches_hold_whole_sessions_once_each(tiny):
+    from duet_bus.train import session_batches, session_rows
+
+    batches = session_batches(tiny, 16, np.random.default_rng(0))
+    every = np.concatenate(batches)
+    assert np.array_equal(np.sort(every), np.arange(len(tiny.train_user)))  # every sample exactly once
+    samples = tiny.train_samples(np.random.default_rng(1), 1.0)
+    key = tiny.train_user * 10_000 + tiny.train_session_start
+    for index in batches:
+        assert len(set(key[index])) == len(np.unique(key[index]))
+        # Whole sessions: a session in a batch has all its samples there, and no other batch has any.
+        assert all(np.sum(key == k) == np.sum(key[index] == k) for k in np.unique(key[index]))
+        rows = session_rows(samples.take(index)).numpy()
+        assert np.array_equal(np.unique(rows), np.arange(len(np.unique(key[index]))))
+        assert all(len(set(key[index][rows == r])) == 1 for r in np.unique(rows))
+    assert np.mean([len(b) for b in batches[:-1]]) == pytest.approx(16, abs=5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_a_batch_of_sessions_scores_as_sample_by_sample(tiny, backbone):
+    """Training's session layout (real-time clicks encoded, layers generated and applied once per session)
+    gives the per-sample logits to float rounding, for every backbone."""
+    from duet_bus.train import session_batches, session_rows, tensors
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, ppg=PPGConfig(n_generators=3)), tiny.n_items, 5).eval()
+    samples = tiny.train_samples(np.random.default_rng(0), 1.0)
+    index = session_batches(tiny, 40, np.random.default_rng(0))[1]
+    x = tensors(samples.take(index))
+    with torch.no_grad():
+        grouped = model(**x, sessions=session_rows(samples.take(index)))
+        alone = model(**x)
+    assert grouped.shape == alone.shape and torch.allclose(grouped, alone, atol=1e-5)
+
+
 def test_apply_dynamic_matches_a_python_loop():
     torch.manual_seed(0)
     x = torch.randn(5, 3, 8)
