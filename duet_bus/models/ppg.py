@@ -102,6 +102,14 @@ class PPG(nn.Module):
         joint = torch.cat([g.w1.flatten(1) for g in self.generators], dim=1)
         return [swa_weights(joint, cfg.tau, cfg.detach_p)] * len(self.generators)
 
+    def train(self, mode: bool = True) -> "PPG":
+        # Parameters change only while training; a fused optimizer updates them in place without bumping
+        # their version counters, so the serving cache below is dropped whenever the mode changes.
+        # (Measured: without this, validation after each epoch of fused-Adam training read the mixture
+        # of the first epoch, and model selection stalled at its AUC.)
+        self._cache = None
+        return super().train(mode)
+
     def _mixed_generators(self) -> list[tuple[Tensor, ...]]:
         if self.training or torch.is_grad_enabled():
             return [g.mixed(p) for g, p in zip(self.generators, self.swa_p())]
