@@ -67,6 +67,27 @@ def test_a_batch_of_sessions_scores_as_sample_by_sample(tiny, backbone):
     assert grouped.shape == alone.shape and torch.allclose(grouped, alone, atol=1e-5)
 
 
+def test_serving_after_a_fused_optimizer_step_uses_the_new_generator():
+    """A fused optimizer updates parameters without bumping their versions: the serving cache of the
+    SWA mixture must not outlive a training step (it once held validation at the first epoch)."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="gru4rec", ppg=PPGConfig(n_generators=3)), n_items=30, history_len=5)
+    seq, lengths, targets = batch()
+    model.eval()
+    with torch.inference_mode():
+        before = model.weights_for(seq, lengths)[0][0].clone()  # fills the cache
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    model(seq, lengths, seq, lengths, targets).sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.inference_mode():
+        served = model.weights_for(seq, lengths)[0][0]
+        model.head._cache = None
+        fresh = model.weights_for(seq, lengths)[0][0]
+    assert not torch.allclose(served, before) and torch.equal(served, fresh)
+
+
 def test_apply_dynamic_matches_a_python_loop():
     torch.manual_seed(0)
     x = torch.randn(5, 3, 8)
