@@ -9,7 +9,9 @@ depend on their values):
 - per-device fine-tuning time (k = 10 Adam steps on 10 labelled samples) as a
   ratio against one DUET generation;
 - training time per epoch, DUET (N_p = 5) against base, from timed steps of the training itself
-  (`train.train_step` on `train.session_batches`, the default batch size).
+  (`train.train_step` on `train.session_batches`, the default batch size); and, for comparison, DUET
+  on random batches of the same size scored sample by sample (each sample encodes its real-time
+  clicks and generates its layers), against the same base epoch.
 
 Medians of repeated runs; absolute times are for this machine only, the
 ratios are what to compare.  Run: `make bench` (or python bench/bench_model.py).
@@ -29,7 +31,7 @@ from duet_bus.data import load_dataset, prepare
 from duet_bus.tasks.recommendation import finetune_scores
 from duet_bus.finetune import FinetuneConfig
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
-from duet_bus.train import TrainConfig, optimizer_for, session_batches, tensors, train_step
+from duet_bus.train import TrainConfig, optimizer_for, session_batches, tensors, train_step, weighted_bce
 
 
 def median_ms(fn, repeat: int) -> float:
@@ -56,7 +58,8 @@ def main() -> None:
 
     table = Table(title=f"Model cost on this machine (torch {torch.__version__}, {torch.get_num_threads()} threads)")
     for col in ("backbone", "gen 1 (ms)", "base fwd 1 (ms)", "ratio", "gen 1024 (ms)", "base fwd 1024 (ms)",
-                "ratio", "finetune/device (ms)", "finetune / gen 1", "epoch base (s)", "epoch DUET (s)", "ratio"):
+                "ratio", "finetune/device (ms)", "finetune / gen 1", "epoch base (s)", "epoch DUET (s)", "ratio",
+                "ratio, DUET sample by sample"):
         table.add_column(col, justify="right")
     for name in BACKBONES:
         base = build_model(ModelConfig(backbone=name), prepared.n_items, 10).eval()
@@ -79,7 +82,18 @@ def main() -> None:
             batches = iter(session_batches(prepared, config.batch_size, rng))
             epoch.append(median_ms(lambda: train_step(model, opt, train.take(next(batches))), 40)
                          * steps_per_epoch / 1000)
-        row += [f"{epoch[0]:.1f}", f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x"]
+        # What the session layout buys: the same DUET step on random batches, sample by sample.
+        opt = optimizer_for(duet, config)
+
+        def per_sample() -> None:
+            b = train.take(rng.choice(len(train), config.batch_size, replace=False))
+            loss = weighted_bce(duet(**tensors(b)), torch.from_numpy(b.labels), torch.from_numpy(b.weight))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        epoch.append(median_ms(per_sample, 40) * steps_per_epoch / 1000)
+        row += [f"{epoch[0]:.1f}", f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x", f"{epoch[2] / epoch[0]:.2f}x"]
         table.add_row(*row)
     Console(width=200).print(table)
 
