@@ -393,10 +393,11 @@ def load_checkpoints(scenario: Scenario, prepared: Any, progress=None) -> dict[s
 
 def prepare_data(scenario: Scenario) -> Any:
     """Load and prepare the scenario's data; check the parts of the scenario that depend on it."""
-    prepared = task_named(scenario.task).prepare(scenario.eval_config(), scenario.seed)
+    task = task_named(scenario.task)
+    prepared = task.prepare(scenario.eval_config(), scenario.seed)
     # What only the data can tell (unknown owner ids, genres), before anything is trained.
     chosen = choose_users(scenario, prepared, np.random.default_rng([scenario.seed, 0]))
-    raw_ids = task_named(scenario.task).stream_owners(prepared)[0]
+    raw_ids = task.stream_owners(prepared)[0]
     users = {int(raw_ids[u]) for u in chosen}
     for i, spec in enumerate(scenario.shifts):
         SHIFTS[spec.kind](prepared, spec.params)

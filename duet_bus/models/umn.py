@@ -9,6 +9,7 @@ device computes with the static layers and those weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -79,20 +80,18 @@ class RecModel(nn.Module):
         return torch.from_numpy(realtime), torch.from_numpy(lengths)
 
     def score(self, history: Tensor, history_len: Tensor, targets: Tensor, weights: LayerWeights,
-              sessions: Tensor | None = None) -> Tensor:
+              layout: "SessionLayout | None" = None) -> Tensor:
         """Logits ``(B, K)`` for K targets per sample with the given dynamic weights: one set per sample, or
-        (``sessions``: each sample's session row, a session's samples next to each other) one per session."""
+        (``layout``) one per session."""
         features = self.backbone.features(history, history_len, targets)
-        if sessions is None:
+        if layout is None:
             return self.backbone.readout(apply_dynamic(features, weights), targets)
         # Lay the samples out as (session, slot): each session's layers apply to its samples in one product.
-        first = _first_of_each(sessions)
-        slot = torch.arange(len(sessions)) - first[sessions]
-        grid = features.new_zeros(len(first), int(slot.max()) + 1, *features.shape[1:])
-        grid = grid.index_put((sessions, slot), features)
+        rows, slot = layout.rows, layout.slot
+        grid = features.new_zeros(len(layout.first), layout.width, *features.shape[1:]).index_put((rows, slot), features)
         shape = grid.shape
         out = apply_dynamic(grid.reshape(shape[0], -1, shape[-1]), weights)
-        return self.backbone.readout(out.view(*shape[:-1], -1)[sessions, slot], targets)
+        return self.backbone.readout(out.view(*shape[:-1], -1)[rows, slot], targets)
 
     def forward(
         self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor,
@@ -105,9 +104,9 @@ class RecModel(nn.Module):
         """
         if sessions is None or not self.generative:
             return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len, factored=True))
-        first = _first_of_each(sessions)
-        weights = self.weights_for(realtime[first], realtime_len[first], factored=True)
-        return self.score(history, history_len, targets, weights, sessions)
+        layout = SessionLayout.of(sessions)
+        weights = self.weights_for(realtime[layout.first], realtime_len[layout.first], factored=True)
+        return self.score(history, history_len, targets, weights, layout)
 
     # -- what a device does with this model (`devices.DeviceAgent` asks) ---------------------------
 
@@ -129,9 +128,20 @@ class RecModel(nn.Module):
         return finetune_classifier(self, start, recent, config)
 
 
-def _first_of_each(sessions: Tensor) -> Tensor:
-    """Index of each session's first sample, given each sample's session row (rows contiguous, in order)."""
-    return torch.nonzero(torch.cat([sessions.new_ones(1, dtype=torch.bool), sessions[1:] != sessions[:-1]]))[:, 0]
+class SessionLayout(NamedTuple):
+    """Where each sample of a batch of whole sessions sits: its session ``rows`` (contiguous, in order),
+    its ``slot`` in the session, each session's ``first`` sample, and the longest session (``width``)."""
+
+    rows: Tensor
+    slot: Tensor
+    first: Tensor
+    width: int
+
+    @staticmethod
+    def of(rows: Tensor) -> "SessionLayout":
+        first = torch.nonzero(torch.cat([rows.new_ones(1, dtype=torch.bool), rows[1:] != rows[:-1]]))[:, 0]
+        slot = torch.arange(len(rows)) - first[rows]
+        return SessionLayout(rows, slot, first, int(slot.max()) + 1)
 
 
 def build_model(config: ModelConfig, n_items: int, history_len: int) -> RecModel:
