@@ -9,7 +9,8 @@ depend on their values):
 - per-device fine-tuning time (k = 10 Adam steps on 10 labelled samples) as a
   ratio against one DUET generation;
 - training time per epoch, DUET (N_p = 5) against base, from timed steps of the training itself
-  (`train.train_step` on `train.session_batches`, the default batch size); and, for comparison, DUET
+  (`train.train_step` on `train.session_batches`, the default batch size; base and DUET steps
+  alternate on the same batches, medians of 45 each); and, for comparison, DUET
   on random batches of the same size scored sample by sample (each sample encodes its real-time
   clicks and generates its layers), against the same base epoch.
 
@@ -75,13 +76,17 @@ def main() -> None:
         _, ft_ms = finetune_scores(base, prepared, FinetuneConfig(), seed=0)
         ft = float(np.median(ft_ms))
         row += [f"{ft:.2f}", f"{ft / gen_one:.0f}x"]
-        epoch = []
-        for model in (base, duet):
-            model.train()
-            opt = optimizer_for(model, config)
-            batches = iter(session_batches(prepared, config.batch_size, rng))
-            epoch.append(median_ms(lambda: train_step(model, opt, train.take(next(batches))), 40)
-                         * steps_per_epoch / 1000)
+        # Base and DUET steps alternate on the same batches, so machine noise falls on both alike.
+        opts = [optimizer_for(model.train(), config) for model in (base, duet)]
+        step_ms: list[list[float]] = [[], []]
+        for n, index in enumerate(session_batches(prepared, config.batch_size, rng)[:50]):
+            batch = train.take(index)
+            for k, model in enumerate((base, duet)):
+                start = time.perf_counter()
+                train_step(model, opts[k], batch)
+                if n >= 5:  # warm-up
+                    step_ms[k].append((time.perf_counter() - start) * 1000)
+        epoch = [statistics.median(ms) * steps_per_epoch / 1000 for ms in step_ms]
         # What the session layout buys: the same DUET step on random batches, sample by sample.
         opt = optimizer_for(duet, config)
 

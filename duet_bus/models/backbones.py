@@ -40,6 +40,8 @@ class Backbone(nn.Module):
 
     #: (in, out) of each dynamic layer, ReLU between them, none after the last.
     dynamic_shapes: tuple[tuple[int, int], ...]
+    #: ``summarize(clicks)`` equals ``features(clicks, ...)`` (the encoding of a history, whatever the targets).
+    summary_is_features: bool = False
 
     def __init__(self, n_items: int, history_len: int, dim: int, dropout: float) -> None:
         super().__init__()
@@ -66,6 +68,8 @@ class Backbone(nn.Module):
 
 class _TowerScored(Backbone):
     """Backbones whose score is <user head(state), target tower(target)>."""
+
+    summary_is_features = True
 
     def __init__(self, n_items: int, history_len: int, dim: int, dropout: float) -> None:
         super().__init__(n_items, history_len, dim, dropout)

@@ -83,7 +83,11 @@ class RecModel(nn.Module):
               layout: "SessionLayout | None" = None) -> Tensor:
         """Logits ``(B, K)`` for K targets per sample with the given dynamic weights: one set per sample, or
         (``layout``) one per session."""
-        features = self.backbone.features(history, history_len, targets)
+        return self.apply_head(self.backbone.features(history, history_len, targets), targets, weights, layout)
+
+    def apply_head(self, features: Tensor, targets: Tensor, weights: LayerWeights,
+                   layout: "SessionLayout | None" = None) -> Tensor:
+        """`score` from the backbone's features."""
         if layout is None:
             return self.backbone.readout(apply_dynamic(features, weights), targets)
         # Lay the samples out as (session, slot): each session's layers apply to its samples in one product.
@@ -101,12 +105,21 @@ class RecModel(nn.Module):
 
         ``sessions`` (training): each sample's session row, a session's samples next to each other; the
         session's real-time clicks (the same for all its samples) are encoded and its layers generated once.
+        A session's real-time clicks are the history of its first sample, so where the backbone's summary
+        is its encoding of a history (`Backbone.summary_is_features`), that encoding is read off the
+        features instead of being computed a second time.
         """
         if sessions is None or not self.generative:
             return self.score(history, history_len, targets, self.weights_for(realtime, realtime_len, factored=True))
         layout = SessionLayout.of(sessions)
-        weights = self.weights_for(realtime[layout.first], realtime_len[layout.first], factored=True)
-        return self.score(history, history_len, targets, weights, layout)
+        first = layout.first
+        features = self.backbone.features(history, history_len, targets)
+        if (self.backbone.summary_is_features and torch.equal(realtime[first], history[first])
+                and torch.equal(realtime_len[first], history_len[first])):
+            summary = features[first]
+        else:
+            summary = self.backbone.summarize(realtime[first], realtime_len[first])
+        return self.apply_head(features, targets, self.head(summary, factored=True), layout)
 
     # -- what a device does with this model (`devices.DeviceAgent` asks) ---------------------------
 

@@ -174,7 +174,8 @@ class Recommendation(Task):
         "eval_negatives": ("int", 100, {"min": 1}),
     }
     scenario_model = {"backbone": "gru4rec", "epochs": 10, "batch_size": 256, "lr": 1e-3}
-    training_version = 2  # 2: batches of whole sessions, fused Adam (`train.session_batches`)
+    training_version = 3  # 2: batches of whole sessions, fused Adam (`train.session_batches`); 3: a session's
+    # summary read off its first sample's features (`RecModel.forward`: one dropout mask for both)
     session_metrics_names = ("auc", "ndcg10", "hr10", "logloss")
     timestamps = True
 

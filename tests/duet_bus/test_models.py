@@ -61,10 +61,33 @@ def test_a_batch_of_sessions_scores_as_sample_by_sample(tiny, backbone):
     samples = tiny.train_samples(np.random.default_rng(0), 1.0)
     index = session_batches(tiny, 40, np.random.default_rng(0))[1]
     x = tensors(samples.take(index))
+    rows = session_rows(samples.take(index))
+    with torch.no_grad():
+        alone = model(**x)
+        if model.backbone.summary_is_features:
+            # The session's real-time clicks are its first sample's history: their encoding is read off
+            # the features, not computed again.
+            model.backbone.summarize = lambda *a: pytest.fail("encoded the real-time clicks a second time")
+        grouped = model(**x, sessions=rows)
+    assert grouped.shape == alone.shape and torch.allclose(grouped, alone, atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_session_layout_encodes_real_time_clicks_that_are_not_a_history(tiny, backbone):
+    """Real-time clicks that differ from the first sample's history (any caller may pass such a batch)
+    are encoded on their own: the result is still the per-sample one."""
+    from duet_bus.train import session_batches, session_rows, tensors
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone, ppg=PPGConfig(n_generators=3)), tiny.n_items, 5).eval()
+    samples = tiny.train_samples(np.random.default_rng(0), 1.0)
+    index = session_batches(tiny, 40, np.random.default_rng(0))[1]
+    x = tensors(samples.take(index))
+    x["realtime"] = torch.where(x["realtime"] > 0, x["realtime"] % tiny.n_items + 1, 0)
     with torch.no_grad():
         grouped = model(**x, sessions=session_rows(samples.take(index)))
         alone = model(**x)
-    assert grouped.shape == alone.shape and torch.allclose(grouped, alone, atol=1e-5)
+    assert torch.allclose(grouped, alone, atol=1e-5)
 
 
 def test_serving_after_a_fused_optimizer_step_uses_the_new_generator():
