@@ -50,9 +50,7 @@ class DeviceAgent:
                 fallback = True
                 self.weights = self.checkpoint.global_layers
             else:
-                layers = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
-                # A factored reply is combined with the generator's shared factors this device holds.
-                self.weights = self.checkpoint.model.head.unfactor(layers) if reply.form == "factored" else layers
+                self.weights = self.weights_from(reply)
         # In a thread: torch releases the GIL, and the fleet's event loop stays
         # free to take other devices' replies the moment they arrive. One
         # device computes at a time (see `Fleet.compute_lock`).
@@ -64,6 +62,12 @@ class DeviceAgent:
             labels=np.asarray(session.samples.labels, np.float32).ravel(), fallback=fallback,
             delay_ms=delay, payload_bytes=payload,
         )
+
+    def weights_from(self, reply) -> LayerWeights:
+        """The dynamic layers a `WeightsReady` carries."""
+        layers = [(torch.from_numpy(w), torch.from_numpy(b)) for w, b in reply.layers]
+        # A factored reply is combined with the generator's shared factors this device holds.
+        return self.checkpoint.model.head.unfactor(layers) if reply.form == "factored" else layers
 
     def _score(self, session: DeviceSession) -> tuple[np.ndarray, float]:
         start = time.perf_counter()

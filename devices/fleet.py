@@ -23,12 +23,15 @@ Session ids on the wire carry the fleet's run id, so they are unique per run.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import secrets
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
 
 from duet_bus import protocol
 from duet_bus.bus import Topics
@@ -53,10 +56,14 @@ class FleetConfig:
     # What a device uploads as its real-time samples (paper Table 3): "samples" (item ids, images) or
     # "embeddings" (an image model's static-layer features, computed on the device; item ids stay ids).
     upload: str = "samples"
+    # `run_many`: the share of sessions whose device compute is also timed alone (the rest are calibrated).
+    timing_share: float = 0.05
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
             raise ConfigError(f"devices.deadline_s: must be positive, got {self.deadline_s!r}")
+        if not 0 <= self.timing_share <= 1:
+            raise ConfigError(f"devices.timing_share: must be in [0, 1], got {self.timing_share!r}")
         if self.upload not in ("samples", "embeddings"):
             raise ConfigError(f"devices.upload: must be samples or embeddings, got {self.upload!r}")
         if not 0 <= self.reply_partition < self.topics.weight_partitions:
@@ -97,6 +104,7 @@ class Fleet:
         # runs one at a time, so each measured time is one device's, not
         # inflated by the other devices of this process sharing the CPU.
         self.compute_lock = asyncio.Lock()
+        self.calibration = Calibration(self.config.timing_share)
 
     async def start(self) -> None:
         await self.bus.ensure_topics(self.config.topics.all())
@@ -232,13 +240,82 @@ class Fleet:
     async def run(self, agent, session: DeviceSession) -> protocol.SessionReport:
         """Run one session on an agent; publish its report; return it."""
         report = await agent.run_session(session)
+        self._published(report, agent.device_id)
+        return report
+
+    def _published(self, report: protocol.SessionReport, device_id: str) -> None:
         self.stats.sessions += 1
         if self.config.publish_reports:
             try:
-                self._reports.put_nowait((protocol.encode(report), agent.device_id.encode()))
+                self._reports.put_nowait((protocol.encode(report), device_id.encode()))
             except asyncio.QueueFull:
                 self.stats.reports_unpublished += 1
-        return report
+
+    async def run_many(self, agents: list, sessions: list[DeviceSession]) -> list[protocol.SessionReport]:
+        """`run` for many devices' sessions of one method at one instant, batched: the requests go out
+        together, and the device-side computation (fine-tuning, scoring) of all of them is one stacked
+        computation. Every session's scores are what its device computes alone, to float rounding.
+
+        A device's compute time cannot be read off a batched computation (a batch's time divided by its
+        size is not one device's time). So a seeded share of the sessions (`FleetConfig.timing_share`,
+        and each method's first) is computed alone, exactly as `run` does, and timed; the others report
+        the calibration those give (`Calibration`), named as such in their report:
+        ``device_compute_calibrated_ms`` and ``finetune_calibrated_ms`` instead of ``device_compute_ms``
+        and ``finetune_ms``.
+        """
+        if not agents:
+            return []
+        method, model = agents[0].method, agents[0].checkpoint.model
+        delays: list[dict[str, float]] = [{} for _ in sessions]
+        payloads: list[dict[str, int]] = [{} for _ in sessions]
+        fallback = [False] * len(sessions)
+        global_layers = agents[0].checkpoint.global_layers
+        weights: list | None = None  # per session; None: the global classifier for all
+        if method not in ("base", "finetune"):
+            replies = await asyncio.gather(*(self.request(a, s, d, p)
+                                             for a, s, d, p in zip(agents, sessions, delays, payloads)))
+            weights = []
+            for i, (agent, reply) in enumerate(zip(agents, replies)):
+                fallback[i] = reply is None
+                weights.append(global_layers if reply is None else agent.weights_from(reply))
+        timed = [i for i, s in enumerate(sessions) if self.calibration.measures(method, s.session_id)]
+        if not timed and not self.calibration.ready(method):
+            timed = [0]
+        alone = set(timed)
+        rest = [i for i in range(len(sessions)) if i not in alone]
+        scores: list = [None] * len(sessions)
+        async with self.compute_lock:
+            for i in timed:  # one device, as `run` computes it, timed
+                agent, session = agents[i], sessions[i]
+                if method == "finetune":
+                    agent.weights, delays[i]["finetune_ms"] = await asyncio.to_thread(agent._finetune, session)
+                else:
+                    agent.weights = global_layers if weights is None else weights[i]
+                scores[i], delays[i]["device_compute_ms"] = await asyncio.to_thread(agent._score, session)
+                self.calibration.add(method, delays[i], len(session.samples))
+            if rest:
+                batch = [sessions[i].samples for i in rest]
+                if method == "finetune":
+                    layers = await asyncio.to_thread(model.finetune_many, global_layers,
+                                                     [sessions[i].recent for i in rest], self.config.finetune)
+                elif weights is None:
+                    layers = global_layers
+                else:
+                    layers = [weights[i] for i in rest]
+                batched = await asyncio.to_thread(_inference, model.score_many, batch, layers)
+                for i, out in zip(rest, batched):
+                    scores[i] = out
+                    delays[i].update(self.calibration.estimate(method, len(sessions[i].samples)))
+        reports = []
+        for agent, session, score, delay, payload, fell in zip(agents, sessions, scores, delays, payloads, fallback):
+            report = protocol.SessionReport(
+                session_id=self.session_id(session), device_id=agent.device_id, method=method,
+                model_version=agent.checkpoint.model_version, scores=np.asarray(score, np.float32),
+                labels=np.asarray(session.samples.labels, np.float32).ravel(), fallback=fell,
+                delay_ms=delay, payload_bytes=payload)
+            reports.append(report)
+            self._published(report, agent.device_id)
+        return reports
 
     async def _publish(self) -> None:
         """Send what is queued, together; a report the bus does not take in time is counted and dropped."""
@@ -257,6 +334,44 @@ class Fleet:
                 log.warning("%d session reports not published (is the broker down?)", failed)
             for _ in batch:
                 self._reports.task_done()
+
+
+def _inference(score_many, sessions, layers):
+    with torch.inference_mode():
+        return score_many(sessions, layers)
+
+
+class Calibration:
+    """Device compute times of the sessions a batched run does not time alone.
+
+    Which sessions are timed alone is a hash of the session id (``share`` of them), so it does not
+    depend on how sessions fall into batches, plus one of the first batch if none of it is chosen. A calibrated
+    session gets the median over its method's timed sessions: of the inference time per sample, times
+    its own sample count, and of the fine-tuning time.
+    """
+
+    def __init__(self, share: float) -> None:
+        self.share = share
+        self._per_sample: dict[str, list[float]] = {}
+        self._finetune: dict[str, list[float]] = {}
+
+    def measures(self, method: str, session_id: str) -> bool:
+        digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self.share * 2**64
+
+    def ready(self, method: str) -> bool:
+        return bool(self._per_sample.get(method))
+
+    def add(self, method: str, delay: dict[str, float], samples: int) -> None:
+        self._per_sample.setdefault(method, []).append(delay["device_compute_ms"] / max(samples, 1))
+        if "finetune_ms" in delay:
+            self._finetune.setdefault(method, []).append(delay["finetune_ms"])
+
+    def estimate(self, method: str, samples: int) -> dict[str, float]:
+        out = {"device_compute_calibrated_ms": float(np.median(self._per_sample[method])) * samples}
+        if self._finetune.get(method):
+            out["finetune_calibrated_ms"] = float(np.median(self._finetune[method]))
+        return out
 
 
 async def _cancel(task: asyncio.Task) -> None:

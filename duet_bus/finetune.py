@@ -14,13 +14,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from duet_bus.data.prep import Samples
 from duet_bus.errors import ConfigError
 from duet_bus.models import LayerWeights, RecModel
-from duet_bus.models.dynamic import apply_dynamic
+from duet_bus.models.dynamic import SessionLayout, stack_layers, unstack_layers
 from duet_bus.train import tensors
 
 
@@ -36,17 +37,21 @@ class FinetuneConfig:
                 raise ConfigError(f"finetune.{name}: must be a positive integer, got {getattr(self, name)!r}")
 
 
-def adam_steps(start: LayerWeights, features: torch.Tensor, loss_of: Callable[[torch.Tensor], torch.Tensor],
+def adam_steps(start: LayerWeights, loss_of: Callable[[LayerWeights], torch.Tensor],
                config: FinetuneConfig) -> LayerWeights:
     """``config.steps`` Adam steps on copies of the dynamic layers ``start``; the backbone stays frozen.
 
-    ``features`` is the dynamic layers' input (computed once, without
-    gradients); ``loss_of`` maps their output to the loss.
+    ``loss_of`` maps the layers to the loss (the caller computes the
+    backbone's features once, without gradients). The layers may be many
+    devices' at once, stacked on a leading axis (`dynamic.stack_layers`), with
+    ``loss_of`` the sum of each device's own loss: each device's slice then gets
+    exactly its own gradient, and Adam is element-wise, so every slice takes
+    the steps that device takes alone (`finetune_many`; a test compares them).
     """
     params = [t.detach().clone().requires_grad_(True) for layer in start for t in layer]
     optimizer = torch.optim.Adam(params, lr=config.lr)
     for _ in range(config.steps):
-        loss = loss_of(apply_dynamic(features, list(zip(params[0::2], params[1::2]))))
+        loss = loss_of(list(zip(params[0::2], params[1::2])))
         optimizer.zero_grad(set_to_none=True)
         loss.backward(inputs=params)
         optimizer.step()
@@ -62,6 +67,27 @@ def finetune_classifier(
     begin = time.perf_counter()
     with torch.no_grad():
         features = model.backbone.features(x["history"], x["history_len"], x["targets"])
-    weights = adam_steps(start, features, lambda out: F.binary_cross_entropy_with_logits(
-        model.backbone.readout(out, x["targets"]), labels), config)
+    weights = adam_steps(start, lambda layers: F.binary_cross_entropy_with_logits(
+        model.apply_head(features, x["targets"], layers), labels), config)
     return weights, (time.perf_counter() - begin) * 1000
+
+
+def finetune_many(model: RecModel, start: LayerWeights, recents: list[Samples],
+                  config: FinetuneConfig) -> list[LayerWeights]:
+    """`finetune_classifier` for many devices in one stacked computation: one backbone pass over every
+    device's labelled samples, and ``config.steps`` Adam steps on all devices' copies of ``start`` at once.
+    Each device's result is what it computes alone, to float rounding."""
+    batch = Samples.concat(recents)
+    x = tensors(batch)
+    layout = SessionLayout.of_lengths([len(r) for r in recents])
+    # Each device's loss is the mean over its own samples' targets, as alone.
+    share = torch.from_numpy(np.concatenate([np.full(len(r), 1.0 / r.labels.size, np.float32) for r in recents]))
+    labels = torch.from_numpy(batch.labels)
+    with torch.no_grad():
+        features = model.backbone.features(x["history"], x["history_len"], x["targets"])
+
+    def loss_of(layers: LayerWeights) -> torch.Tensor:
+        logits = model.apply_head(features, x["targets"], layers, layout)
+        return (F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1) * share).sum()
+
+    return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))

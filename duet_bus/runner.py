@@ -79,6 +79,7 @@ class SessionRecord:
     finetune_ms: float  # measured x compute_factor
     compute_ms: float  # measured x compute_factor
     total_ms: float
+    device_timing: str = "measured"  # finetune_ms and compute_ms: "measured" alone, or "calibrated" (batched)
 
 
 @dataclass
@@ -232,12 +233,21 @@ class Runner:
         fleet = self.state.fleet
         cloud = [m for m in self.scenario.methods if m not in LOCAL_METHODS]
         local = [m for m in self.scenario.methods if m in LOCAL_METHODS]
+        # Method by method, each method's sessions of this instant together.
         requests = [(job, m, replace(job.session, session_id=f"{job.session.session_id}-{m}"))
-                    for job in jobs for m in cloud]
+                    for m in cloud for job in jobs]
         self.state.cloud_started += len(requests)
-        reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests),
-                                       return_exceptions=True)
         results: dict[tuple[int, str], SessionReport] = {}
+        if self.scenario.batched:
+            # The same work, each method's sessions as one computation (`Fleet.run_many`).
+            outcome = await asyncio.gather(*(fleet.run_many(
+                [self._agent(job.device, m) for job in jobs],
+                [s for _, m2, s in requests if m2 == m]) for m in cloud), return_exceptions=True)
+            reports = [report for out in outcome
+                       for report in ([out] * len(jobs) if isinstance(out, BaseException) else out)]
+        else:
+            reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests),
+                                           return_exceptions=True)
         for (job, m, session), report in zip(requests, reports):
             if isinstance(report, BaseException):
                 log.error("session %s lost", session.session_id, exc_info=report)
@@ -245,9 +255,13 @@ class Runner:
             self.state.cloud_answered += not report.fallback
             self.state.cloud_fell_back += report.fallback
             results[id(job), m] = report
-        for job in jobs:
-            for m in local:
-                results[id(job), m] = await fleet.run(self._agent(job.device, m), job.session)
+        for m in local:
+            if self.scenario.batched:
+                batch = await fleet.run_many([self._agent(job.device, m) for job in jobs], [job.session for job in jobs])
+            else:
+                batch = [await fleet.run(self._agent(job.device, m), job.session) for job in jobs]
+            for job, report in zip(jobs, batch):
+                results[id(job), m] = report
         for job in jobs:
             for method in self.scenario.methods:
                 if (id(job), method) not in results:
@@ -265,8 +279,10 @@ class Runner:
         up, down = report.payload_bytes.get("upload", 0), report.payload_bytes.get("download", 0)
         upload_ms = profile.transfer_ms(up) if up else 0.0
         download_ms = profile.transfer_ms(down) if down else 0.0
-        compute = (d.get("device_compute_ms", 0.0) + d.get("embed_ms", 0.0)) * factor
-        finetune = d.get("finetune_ms", 0.0) * factor
+        # A batched run's sessions not timed alone carry calibrated device times (`Fleet.run_many`).
+        timing = "calibrated" if "device_compute_calibrated_ms" in d else "measured"
+        compute = (d.get("device_compute_ms", d.get("device_compute_calibrated_ms", 0.0)) + d.get("embed_ms", 0.0)) * factor
+        finetune = d.get("finetune_ms", d.get("finetune_calibrated_ms", 0.0)) * factor
         if report.fallback:
             waited = self.scenario.deadline_s * 1000
         else:
@@ -278,7 +294,7 @@ class Runner:
             metrics=self.task.session_metrics(report.scores, job.session), fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
             download_ms=download_ms, bus_ms=d.get("bus_ms", 0.0), cloud_ms=d.get("cloud_ms", 0.0),
             generation_ms=d.get("generation_ms", 0.0), finetune_ms=finetune, compute_ms=compute,
-            total_ms=upload_ms + waited + download_ms + finetune + compute,
+            total_ms=upload_ms + waited + download_ms + finetune + compute, device_timing=timing,
         )
 
     # -- the loop --------------------------------------------------------------------------------
@@ -292,7 +308,7 @@ class Runner:
             group_id=f"duet-run-{s.name}", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
             weight_encoding=s.weight_encoding, topics=self.topics)) for _ in range(s.workers)]
         fleet = Fleet(bus, FleetConfig(fleet_id=f"run-{s.name}", deadline_s=s.deadline_s, topics=self.topics,
-                                       finetune=self.finetune, upload=s.upload))
+                                       finetune=self.finetune, upload=s.upload, timing_share=s.timing_share))
         stop = asyncio.Event()
         tasks = []
         self.state.cloud, self.state.fleet = services, fleet

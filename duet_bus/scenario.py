@@ -102,6 +102,8 @@ class Scenario:
     compute_factor: float
     deadline_s: float
     upload: str  # what a device uploads: samples (item ids, images) or embeddings (image features)
+    batched: bool  # the device side of one instant as one computation (`Fleet.run_many`), or device by device
+    timing_share: float  # batched: the share of sessions whose device compute is timed alone
     # arrivals
     arrivals: str
     rate_per_hour: float
@@ -339,7 +341,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     ft = r.section(top.get("finetune"), "finetune", ("steps", "lr", "recent"))
 
     dev = r.section(top.get("devices"), "devices", ("count", "users", "network", "compute_factor", "deadline",
-                                                    "upload"))
+                                                    "upload", "batched", "timing_share"))
     users = dev.get("users", "first")
     if isinstance(users, list):
         if not users or not all(isinstance(u, int) and not isinstance(u, bool) for u in users):
@@ -419,6 +421,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         compute_factor=r.get(dev, "devices", "compute_factor", "float", 1.0, gt=0),
         deadline_s=r.get(dev, "devices", "deadline", "duration", 2.0, gt=0),
         upload=r.get(dev, "devices", "upload", "str", "samples", choices=("samples", "embeddings")),
+        batched=r.get(dev, "devices", "batched", "bool", True),
+        timing_share=r.get(dev, "devices", "timing_share", "float", 0.05, min=0, max=1),
         arrivals=arrivals,
         rate_per_hour=r.get(arr, "arrivals", "rate_per_hour", "float", 1.0, gt=0),
         time_scale=r.get(arr, "arrivals", "time_scale", "float", 1e-3, gt=0),

@@ -222,6 +222,10 @@ class ImageSamples:
     def __len__(self) -> int:
         return len(self.labels)
 
+    @staticmethod
+    def concat(parts: list["ImageSamples"]) -> "ImageSamples":
+        return ImageSamples(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]))
+
 
 SPLITS = ("train", "valid", "test", "stream")
 

@@ -71,6 +71,10 @@ class Samples:
     def take(self, index: np.ndarray) -> "Samples":
         return Samples(**{k: v[index] for k, v in self.__dict__.items()})
 
+    @staticmethod
+    def concat(parts: list["Samples"]) -> "Samples":
+        return Samples(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in parts[0].__dict__})
+
 
 @dataclass
 class Prepared:

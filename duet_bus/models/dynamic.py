@@ -72,6 +72,58 @@ def apply_dynamic(x: Tensor, weights: LayerWeights) -> Tensor:
     return h.squeeze(1) if squeeze else h
 
 
+class SessionLayout(NamedTuple):
+    """Where each sample of a batch of whole sessions sits: its session ``rows`` (contiguous, in order),
+    its ``slot`` in the session, each session's ``first`` sample, and the longest session (``width``)."""
+
+    rows: Tensor
+    slot: Tensor
+    first: Tensor
+    width: int
+
+    @staticmethod
+    def of(rows: Tensor) -> "SessionLayout":
+        first = torch.nonzero(torch.cat([rows.new_ones(1, dtype=torch.bool), rows[1:] != rows[:-1]]))[:, 0]
+        slot = torch.arange(len(rows)) - first[rows]
+        return SessionLayout(rows, slot, first, int(slot.max()) + 1)
+
+    @staticmethod
+    def of_lengths(lengths: list[int]) -> "SessionLayout":
+        """Sessions of these many samples, one after the other."""
+        return SessionLayout.of(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
+
+
+def apply_by_session(features: Tensor, weights: LayerWeights, layout: SessionLayout) -> Tensor:
+    """`apply_dynamic` with one set of layers per session (batch axis = sessions) on samples ``(N, ..., in)``
+    laid out by ``layout``: each session's layers apply to all its samples in one product."""
+    rows, slot = layout.rows, layout.slot
+    grid = features.new_zeros(len(layout.first), layout.width, *features.shape[1:]).index_put((rows, slot), features)
+    shape = grid.shape
+    out = apply_dynamic(grid.reshape(shape[0], -1, shape[-1]), weights)
+    return out.view(*shape[:-1], -1)[rows, slot]
+
+
+def stack_layers(per_session: list[LayerWeights]) -> LayerWeights:
+    """Sessions' layers (each ``(W, b)`` without a batch axis, or `Factored` with a batch of one) as one
+    set with a session axis, for `apply_by_session`: factored layers stay factored (they share ``W2``)."""
+    out = []
+    for layers in zip(*per_session):
+        if all(isinstance(layer, Factored) for layer in layers):
+            first = layers[0]
+            out.append(Factored(torch.cat([layer.h for layer in layers]), first.w2, first.b2,
+                                torch.cat([layer.b for layer in layers])))
+        else:
+            full = [layer.materialize() if isinstance(layer, Factored) else layer for layer in layers]
+            out.append((torch.stack([w.reshape(w.shape[-2:]) for w, _ in full]),
+                        torch.stack([b.reshape(b.shape[-1:]) for _, b in full])))
+    return out
+
+
+def unstack_layers(stacked: LayerWeights) -> list[LayerWeights]:
+    """The inverse of `stack_layers` for full layers: one ``[(W, b), ...]`` per session."""
+    return [[(w[i], b[i]) for w, b in stacked] for i in range(stacked[0][0].size(0))]
+
+
 class StaticLayers(nn.Module):
     """The global classifier: one set of dynamic-layer weights for everyone."""
 

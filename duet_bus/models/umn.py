@@ -9,7 +9,6 @@ device computes with the static layers and those weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -17,7 +16,8 @@ from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
 from duet_bus.models.backbones import Backbone, make_backbone
-from duet_bus.models.dynamic import LayerWeights, StaticLayers, apply_dynamic
+from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
+                                     stack_layers)
 from duet_bus.models.ppg import PPG, PPGConfig
 
 
@@ -80,22 +80,17 @@ class RecModel(nn.Module):
         return torch.from_numpy(realtime), torch.from_numpy(lengths)
 
     def score(self, history: Tensor, history_len: Tensor, targets: Tensor, weights: LayerWeights,
-              layout: "SessionLayout | None" = None) -> Tensor:
+              layout: SessionLayout | None = None) -> Tensor:
         """Logits ``(B, K)`` for K targets per sample with the given dynamic weights: one set per sample, or
         (``layout``) one per session."""
         return self.apply_head(self.backbone.features(history, history_len, targets), targets, weights, layout)
 
     def apply_head(self, features: Tensor, targets: Tensor, weights: LayerWeights,
-                   layout: "SessionLayout | None" = None) -> Tensor:
+                   layout: SessionLayout | None = None) -> Tensor:
         """`score` from the backbone's features."""
         if layout is None:
             return self.backbone.readout(apply_dynamic(features, weights), targets)
-        # Lay the samples out as (session, slot): each session's layers apply to its samples in one product.
-        rows, slot = layout.rows, layout.slot
-        grid = features.new_zeros(len(layout.first), layout.width, *features.shape[1:]).index_put((rows, slot), features)
-        shape = grid.shape
-        out = apply_dynamic(grid.reshape(shape[0], -1, shape[-1]), weights)
-        return self.backbone.readout(out.view(*shape[:-1], -1)[rows, slot], targets)
+        return self.backbone.readout(apply_by_session(features, weights, layout), targets)
 
     def forward(
         self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor,
@@ -140,21 +135,27 @@ class RecModel(nn.Module):
 
         return finetune_classifier(self, start, recent, config)
 
+    # -- the same for many devices at once (the runner's batched path; each result is one device's) --------
 
-class SessionLayout(NamedTuple):
-    """Where each sample of a batch of whole sessions sits: its session ``rows`` (contiguous, in order),
-    its ``slot`` in the session, each session's ``first`` sample, and the longest session (``width``)."""
+    def score_many(self, sessions: list, weights: list[LayerWeights] | LayerWeights) -> list[np.ndarray]:
+        """`score_samples` of many sessions in one forward: with one set of layers for all (the global
+        classifier), or each session's own (a list, one per session)."""
+        from duet_bus.data.prep import Samples
+        from duet_bus.train import tensors
 
-    rows: Tensor
-    slot: Tensor
-    first: Tensor
-    width: int
+        x = tensors(Samples.concat(sessions))
+        if isinstance(weights, list) and weights and isinstance(weights[0], list):
+            layout = SessionLayout.of_lengths([len(s) for s in sessions])
+            logits = self.score(x["history"], x["history_len"], x["targets"], stack_layers(weights), layout)
+        else:
+            logits = self.score(x["history"], x["history_len"], x["targets"], weights)
+        return [part.numpy().ravel() for part in logits.split([len(s) for s in sessions])]
 
-    @staticmethod
-    def of(rows: Tensor) -> "SessionLayout":
-        first = torch.nonzero(torch.cat([rows.new_ones(1, dtype=torch.bool), rows[1:] != rows[:-1]]))[:, 0]
-        slot = torch.arange(len(rows)) - first[rows]
-        return SessionLayout(rows, slot, first, int(slot.max()) + 1)
+    def finetune_many(self, start: LayerWeights, recents: list, config) -> list[LayerWeights]:
+        """`finetune` for many devices in one stacked computation (`finetune.finetune_many`)."""
+        from duet_bus.finetune import finetune_many
+
+        return finetune_many(self, start, recents, config)
 
 
 def build_model(config: ModelConfig, n_items: int, history_len: int) -> RecModel:

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
-from duet_bus.models.dynamic import LayerWeights, StaticLayers, apply_dynamic
+from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
+                                     stack_layers, unstack_layers)
 from duet_bus.models.mobilenetv3 import MobileNetConfig, MobileNetV3
 from duet_bus.models.ppg import PPG, PPGConfig
 
@@ -149,6 +150,38 @@ class VisionModel(nn.Module):
         with torch.no_grad():
             features = self.embed(torch.from_numpy(recent.images))
         target = torch.from_numpy(recent.labels)
-        weights = adam_steps(start, features, lambda logits: nn.functional.cross_entropy(logits, target), config)
+        weights = adam_steps(start, lambda layers: nn.functional.cross_entropy(apply_dynamic(features, layers), target),
+                             config)
         return weights, (time.perf_counter() - begin) * 1000
+
+    # -- the same for many devices at once (the runner's batched path; each result is one device's) --------
+
+    def score_many(self, sessions: list, weights: list[LayerWeights] | LayerWeights) -> list[np.ndarray]:
+        """`score_samples` of many sessions in one forward: with one head for all (the global one), or each
+        session's own (a list, one per session)."""
+        features = self.embed(torch.from_numpy(np.concatenate([s.images for s in sessions])))
+        if isinstance(weights, list) and weights and isinstance(weights[0], list):
+            layout = SessionLayout.of_lengths([len(s) for s in sessions])
+            logits = apply_by_session(features, stack_layers(weights), layout)
+        else:
+            logits = apply_dynamic(features, weights)
+        return [part.numpy() for part in logits.split([len(s) for s in sessions])]
+
+    def finetune_many(self, start: LayerWeights, recents: list, config) -> list[LayerWeights]:
+        """`finetune` for many devices in one stacked computation: one backbone pass over every device's
+        labelled images, and the Adam steps on all devices' copies of ``start`` at once (see
+        `finetune.adam_steps`). Each device's result is what it computes alone, to float rounding."""
+        from duet_bus.finetune import adam_steps
+
+        with torch.no_grad():
+            features = self.embed(torch.from_numpy(np.concatenate([r.images for r in recents])))
+        target = torch.from_numpy(np.concatenate([r.labels for r in recents]))
+        layout = SessionLayout.of_lengths([len(r) for r in recents])
+        share = torch.cat([torch.full((len(r),), 1.0 / len(r)) for r in recents])  # each device's own mean
+
+        def loss_of(layers: LayerWeights) -> Tensor:
+            logits = apply_by_session(features, layers, layout)
+            return (nn.functional.cross_entropy(logits, target, reduction="none") * share).sum()
+
+        return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))
 

@@ -217,3 +217,22 @@ def test_config_errors_name_the_field():
         TrainConfig(gamma=0)
     with pytest.raises(ConfigError, match="model.backbone"):
         build_model(ModelConfig(backbone="bert"), 10, 5)
+
+
+def test_score_many_mixes_global_full_and_factored_layers(tiny):
+    """One batch may hold fallen-back sessions (the global classifier), full and factored replies."""
+    from duet_bus.data.streams import offline_test_sessions
+    from duet_bus.train import tensors
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="din", ppg=PPGConfig(n_generators=2)), tiny.n_items, 5).eval()
+    sessions = [s.samples for s in offline_test_sessions(tiny)[:3]]
+    with torch.inference_mode():
+        x = [tensors(s) for s in sessions]
+        factored = model.weights_for(x[1]["realtime"], x[1]["realtime_len"], factored=True)
+        full = [(w[0], b[0]) for w, b in model.weights_for(x[2]["realtime"], x[2]["realtime_len"])]
+        glob = [(torch.randn(i, o), torch.randn(o)) for i, o in model.dynamic_shapes]
+        weights = [glob, factored, full]
+        batched = model.score_many(sessions, weights)
+        for s, w, out in zip(sessions, weights, batched):
+            np.testing.assert_allclose(out, model.score_samples(s, w), atol=1e-5)

@@ -114,3 +114,28 @@ def test_report_rerenders_from_the_files(scenario_file, kafka_bootstrap, capsys)
     assert json.loads((out / "results.json").read_text())["methods"] == doc["methods"]
     assert (out / "accuracy_around_shifts.png").is_file()
     assert "DUET" in capsys.readouterr().out
+
+
+def _by_session(out):
+    return {(r["session_id"], r["method"]): r for r in rows(out)}
+
+
+@pytest.mark.parametrize("kind", ["memory", "kafka"])
+def test_batched_devices_score_as_one_device_at_a_time(scenario_file, kafka_bootstrap, kind):
+    """`devices.batched` (each instant's device side as one computation: stacked fine-tuning, one
+    forward per method) gives every session the metrics of the one-device-at-a-time path, to 1e-6, for
+    all four methods; device times of the sessions not timed alone are marked calibrated."""
+    _, alone = run(scenario_file, f"alone-{kind}", kafka_bootstrap, batched=False, bus_kind=kind)
+    _, batched = run(scenario_file, f"batched-{kind}", kafka_bootstrap, batched=True, bus_kind=kind,
+                     timing_share=0.2)
+    a, b = _by_session(alone), _by_session(batched)
+    assert a.keys() == b.keys() and len(a) > 100
+    for key, row in a.items():
+        for metric in ("auc", "ndcg10", "hr10", "logloss"):
+            assert float(b[key][metric]) == pytest.approx(float(row[metric]), abs=1e-6), (key, metric)
+        assert b[key]["fallback"] == row["fallback"] == "False"
+    assert {r["device_timing"] for r in a.values()} == {"measured"}
+    timing = [r["device_timing"] for r in b.values()]
+    assert 0 < timing.count("measured") < timing.count("calibrated")
+    assert all(float(r["compute_ms"]) > 0 for r in b.values())
+    assert all(float(r["finetune_ms"]) > 0 for r in b.values() if r["method"] == "finetune")
