@@ -57,7 +57,7 @@ class FleetConfig:
     # "embeddings" (an image model's static-layer features, computed on the device; item ids stay ids).
     upload: str = "samples"
     # `run_many`: the share of sessions whose device compute is also timed alone (the rest are calibrated).
-    timing_share: float = 0.05
+    timing_share: float = 0.01
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:

@@ -190,6 +190,12 @@ class Runner:
         return math.ceil(max(t, self.env.now) / s.window_s - 1e-9) * s.window_s
 
     def _device(self, device):
+        try:
+            yield from self._sessions(device)
+        finally:
+            self.state.devices_active -= 1
+
+    def _sessions(self, device):
         rng = self._rng(2, device.index)
         start = 0.0
         while not device.exhausted:
@@ -320,6 +326,7 @@ class Runner:
             await self._cloud_ready(services)
             for i in range(len(s.shifts)):
                 self.env.process(self._shift(i))
+            self.state.devices_active = len(self.devices)
             for device in self.devices:
                 self.env.process(self._device(device))
             await self._loop()
@@ -356,17 +363,16 @@ class Runner:
             now = env.peek()
             while env.peek() == now:
                 env.step()
-            if self.pending:
+            if self.pending:  # instants without sessions (a device's delay ending) have nothing to show
                 jobs, self.pending = sorted(self.pending, key=lambda j: j.device.index), []
                 await self._serve(jobs)
                 for job in jobs:
                     job.done.succeed()
-            self._tick(now)
+                self._tick(now)
 
     def _tick(self, now: float) -> None:
         self.state.now_s = now
         self.state.wall_s = time.perf_counter() - self.state.wall_start
-        self.state.devices_active = sum(not d.exhausted for d in self.devices)
         if self.on_step is not None:
             self.on_step(self.state)
 

@@ -422,7 +422,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         deadline_s=r.get(dev, "devices", "deadline", "duration", 2.0, gt=0),
         upload=r.get(dev, "devices", "upload", "str", "samples", choices=("samples", "embeddings")),
         batched=r.get(dev, "devices", "batched", "bool", True),
-        timing_share=r.get(dev, "devices", "timing_share", "float", 0.05, min=0, max=1),
+        timing_share=r.get(dev, "devices", "timing_share", "float", 0.01, min=0, max=1),
         arrivals=arrivals,
         rate_per_hour=r.get(arr, "arrivals", "rate_per_hour", "float", 1.0, gt=0),
         time_scale=r.get(arr, "arrivals", "time_scale", "float", 1e-3, gt=0),

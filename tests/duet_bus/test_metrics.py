@@ -31,3 +31,4 @@ def test_rank_hr_ndcg():
     assert m["hr2"] == 2 / 3
     assert np.isclose(m["ndcg2"], (1 + 1 / np.log2(3)) / 3)
     assert np.isclose(group_auc(scores), (1 + 0 + 2.5 / 3) / 3)
+
