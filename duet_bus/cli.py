@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from duet_bus.errors import DuetError
+from duet_bus.errors import ConfigError, DuetError
 
 # Piped output (CI logs, `| tee`) gets a width the Table-1 layout fits in.
 console = Console() if sys.stdout.isatty() else Console(width=160)
@@ -349,6 +349,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     scenario = load_scenario(args.file)
     if args.output:
         scenario = replace(scenario, output=args.output)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise ConfigError(f"--seeds: must be a positive number of seeds, got {args.seeds}")
+        if args.seeds > 1 and scenario.checkpoints:
+            raise ConfigError("--seeds: the scenario names model.checkpoints; each seed trains its own models")
+        scenario = replace(scenario, seeds=tuple(range(scenario.seed, scenario.seed + args.seeds)))
+    if len(scenario.seeds) > 1:
+        return _run_seeds(scenario)
+    if scenario.seeds[0] != scenario.seed:
+        scenario = replace(scenario, seed=scenario.seeds[0])
     live = scenario.dashboard and not args.no_dashboard and console.is_terminal
     console.print(f"scenario {scenario.name} ({args.file}): preparing data and checkpoints")
     prepared = prepare_data(scenario)
@@ -367,6 +377,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 130 if doc["run"]["interrupted"] else 0
 
 
+def _run_seeds(scenario) -> int:
+    """`duet run` over several seeds: progress lines (no live dashboard), one table over seeds."""
+    from duet_bus.report import seeds_table
+    from duet_bus.runner import run_seeds
+    from duet_bus.train import progress_bar
+
+    def seed_line(seed: int) -> None:
+        console.print(f"seed {seed} ({scenario.seeds.index(seed) + 1} of {len(scenario.seeds)}): "
+                      "preparing data and checkpoints")
+
+    doc, out = run_seeds(scenario, on_step=_Ticker(scenario.duration_s), training=progress_bar, on_seed=seed_line)
+    console.print(seeds_table(doc))
+    console.print(f"report: {out}/results.json (over seeds); each seed's report, sessions and plots in "
+                  f"{out}/seed-K/")
+    return 130 if any(r["interrupted"] for r in doc["runs"].values()) else 0
+
+
 class _Ticker:
     """Without a terminal: a line at every tenth of the virtual duration."""
 
@@ -380,8 +407,16 @@ class _Ticker:
                           f"sessions {state.sessions}  fallbacks {state.fallbacks}")
 
 
+def _is_seeds_folder(out: Path) -> bool:
+    try:
+        return json.loads((out / "results.json").read_text()).get("kind") == "seeds"
+    except (OSError, ValueError, AttributeError):
+        return False  # `rerender` says what is wrong with the folder
+
+
 def cmd_report(args: argparse.Namespace) -> int:
-    from duet_bus.report import plot_training, rerender, run_table, swa_sweep, table1, table4
+    from duet_bus.report import (plot_training, rerender, rerender_seeds, run_table, seeds_table, swa_sweep,
+                                 table1, table4)
 
     out = Path(args.run_dir)
     if out.is_file():  # a `duet evaluate --out` document
@@ -395,6 +430,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             console.print(table4(doc))
         if doc.get("curves"):
             console.print(f"training curves: {plot_training(out.with_suffix('.png'), doc)}")
+        return 0
+    if _is_seeds_folder(out):
+        doc = rerender_seeds(out)
+        console.print(seeds_table(doc))
+        console.print(f"re-rendered {out}/results.json from {', '.join(f'seed-{k}' for k in doc['seeds'])}")
         return 0
     doc = rerender(out)
     console.print(run_table(doc))
@@ -410,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file", help="scenario YAML (see scenarios/)")
     p.add_argument("--output", help="output folder (default: the scenario's `output`)")
     p.add_argument("--no-dashboard", action="store_true", help="progress lines instead of the live dashboard")
+    p.add_argument("--seeds", type=int, help="repeat the run with this many seeds, from the scenario's seed "
+                                             "(training included, cached); report mean ± std over seeds")
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
     p.set_defaults(func=cmd_run)
 

@@ -294,6 +294,80 @@ def rerender(run_dir: Path) -> dict:
     return new
 
 
+def summarize_seeds(scenario: dict, runs: list[tuple[int, dict, list[dict]]]) -> dict:
+    """The ``results.json`` of a run over several seeds, from each seed's results document and rows.
+
+    Per method: each metric's mean and sample std over seeds (of each seed's mean over sessions), and
+    against base the paired per-session difference pooled over every seed's sessions (mean, standard
+    error, shares won/tied/lost), beside the per-seed differences (mean, std over seeds, seeds won).
+    """
+    metrics, primary = run_metrics(scenario)
+    pooled = [{**r, "session_id": f"{seed}/{r['session_id']}"} for seed, _, rows in runs for r in rows]
+    methods = {}
+    for m in method_order(scenario, pooled):
+        per_seed = []
+        for seed, doc, _ in runs:
+            r = doc["methods"].get(m)
+            if r is not None:
+                per_seed.append({"seed": seed, "sessions": r["sessions"], **{k: r[f"{k}_mean"] for k in metrics},
+                                 **({"vs_base": r["vs_base"]["mean"]} if "vs_base" in r else {})})
+        entry: dict = {"seeds": len(per_seed), "sessions": sum(p["sessions"] for p in per_seed)}
+        for k in metrics:
+            stats = _stats([p[k] for p in per_seed])
+            entry[f"{k}_mean"], entry[f"{k}_std"] = stats["mean"], stats["std"]
+        if m != "base" and any(r["method"] == "base" for r in pooled):
+            by_seed = [p["vs_base"] for p in per_seed if "vs_base" in p]
+            stats = _stats(by_seed)
+            entry["vs_base"] = paired_vs_base(pooled, m, primary) | {
+                "seed_mean": stats["mean"], "seed_std": stats["std"], "seeds_won": sum(v > 0 for v in by_seed)}
+        entry["per_seed"] = per_seed
+        methods[m] = entry
+    return {"kind": "seeds", "scenario": scenario, "seeds": [seed for seed, _, _ in runs],
+            "runs": {str(seed): doc["run"] for seed, doc, _ in runs}, "methods": methods}
+
+
+def write_seeds(out: Path, scenario: dict, folders: list[tuple[int, Path]]) -> dict:
+    """Write the report over seeds into ``out`` from the seeds' run folders; return it."""
+    runs = [(seed, *read_run(folder)) for seed, folder in folders]
+    doc = summarize_seeds(scenario, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=2))
+    return doc
+
+
+def rerender_seeds(out: Path) -> dict:
+    """`duet report` on a folder of a run over seeds: recompute its report from the seeds' folders."""
+    doc = json.loads((out / "results.json").read_text())
+    return write_seeds(out, doc["scenario"], [(seed, out / f"seed-{seed}") for seed in doc["seeds"]])
+
+
+def seeds_table(doc: dict) -> Table:
+    scenario, runs = doc["scenario"], doc["runs"]
+    metrics, primary = run_metrics(scenario)
+    name = METRIC_NAMES.get(primary, primary)
+    seeds = doc["seeds"]
+    wall = sum(r["wall_s"] for r in runs.values())
+    table = Table(
+        title=f"{scenario['name']}: {len(seeds)} seeds ({', '.join(map(str, seeds))}), {scenario['devices']} devices, "
+              f"{next(iter(runs.values()))['virtual_s'] / 3600:.2f} h virtual each, {wall:.0f} s wall in all"
+              + (" (INTERRUPTED: partial)" if any(r.get("interrupted") for r in runs.values()) else ""),
+        caption=f"{name}: mean ± sample std over seeds of each seed's mean over sessions. Δ vs base: the paired "
+                "per-session difference pooled over every seed's sessions (standard error; shares of sessions "
+                "won/lost), and per seed (mean ± std over seeds; seeds on which the method beats base).",
+    )
+    for column in ("Method", "Sessions", f"{name} (over seeds)", "Δ vs base, pooled (s.e.)", "won/lost",
+                   "Δ per seed", "seeds won"):
+        table.add_column(column, justify="left" if column == "Method" else "right", no_wrap=column == "Method")
+    for m, r in doc["methods"].items():
+        vs = r.get("vs_base")
+        table.add_row(LABELS.get(m, m), str(r["sessions"]), f"{r[f'{primary}_mean']:.4f} ± {r[f'{primary}_std']:.4f}",
+                      f"{vs['mean']:+.4f} ({vs['se']:.4f})" if vs else "",
+                      f"{vs['won']:.0%}/{vs['lost']:.0%}" if vs else "",
+                      f"{vs['seed_mean']:+.4f} ± {vs['seed_std']:.4f}" if vs else "",
+                      f"{vs['seeds_won']}/{r['seeds']}" if vs else "")
+    return table
+
+
 def run_table(doc: dict) -> Table:
     run, scenario = doc["run"], doc["scenario"]
     metrics, primary = run_metrics(scenario)

@@ -24,6 +24,7 @@ the moment every method of its previous one had its weights.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -46,7 +47,7 @@ from duet_bus.data.streams import DeviceSession
 from duet_bus.errors import ConfigError
 from duet_bus.finetune import FinetuneConfig
 from duet_bus.protocol import SessionReport
-from duet_bus.report import write_run
+from duet_bus.report import write_run, write_seeds
 from duet_bus.scenario import NetworkProfile, Scenario
 from duet_bus.shifts import SHIFTS
 from duet_bus.tasks import task_named
@@ -391,8 +392,10 @@ def scenario_doc(scenario: Scenario) -> dict:
     return json.loads(json.dumps(doc))  # plain JSON types, as the file will hold them
 
 
-def load_checkpoints(scenario: Scenario, prepared: Any, progress=None) -> dict[str, Checkpoint]:
-    """The scenario's checkpoints: the given files, the rest trained once and cached next to the output."""
+def load_checkpoints(scenario: Scenario, prepared: Any, progress=None,
+                     cache_dir: Path | None = None) -> dict[str, Checkpoint]:
+    """The scenario's checkpoints: the given files, the rest trained once and cached (by default next to
+    the output, in ``.checkpoints``)."""
     needed = {"base" if m in LOCAL_METHODS else m for m in scenario.methods}
     out: dict[str, Checkpoint] = {}
     config = scenario.eval_config()
@@ -405,7 +408,7 @@ def load_checkpoints(scenario: Scenario, prepared: Any, progress=None) -> dict[s
                                   f"{prepared.config}; streamed sessions must be held out of training "
                                   f"(`duet train --holdout {prepared.config.holdout}`)")
         else:
-            ckpt = checkpoint.cached(Path(scenario.output).parent / ".checkpoints", config, prepared, method,
+            ckpt = checkpoint.cached(cache_dir or Path(scenario.output).parent / ".checkpoints", config, prepared, method,
                                      scenario.seed, progress=progress)
         if ckpt.model.generative == (method == "base"):
             raise ConfigError(f"model.checkpoints.{method}: {ckpt.model_version} is not a {method} model")
@@ -501,3 +504,26 @@ def run_scenario(scenario: Scenario, prepared: Any, checkpoints: dict[str, Check
            "fleet": asdict(state.fleet.stats) if state.fleet else {}}
     doc = write_run(out, scenario_doc(scenario), state.records, state.shifts, run)
     return doc, out
+
+
+def run_seeds(scenario: Scenario, on_step: Callable[[RunState], None] | None = None,
+              training: Callable[[], Any] = contextlib.nullcontext,
+              on_seed: Callable[[int], None] | None = None) -> tuple[dict, Path]:
+    """Run the scenario once per seed of ``scenario.seeds`` (data, training, devices and arrivals all
+    seeded by it; checkpoints cached beside the output, as for one run), each into ``<output>/seed-K``,
+    then write the report over seeds into ``<output>`` (`report.summarize_seeds`). A seed that is
+    interrupted ends the run; the report covers the seeds done."""
+    out = Path(scenario.output)
+    folders: list[tuple[int, Path]] = []
+    for seed in scenario.seeds:
+        one = replace(scenario, seed=seed, seeds=(seed,), output=str(out / f"seed-{seed}"))
+        if on_seed is not None:
+            on_seed(seed)
+        prepared = prepare_data(one)
+        with training() as progress:  # a progress display while a seed's models train, if the caller has one
+            checkpoints = load_checkpoints(one, prepared, progress, cache_dir=out.parent / ".checkpoints")
+        doc, folder = run_scenario(one, prepared, checkpoints, on_step=on_step)
+        folders.append((seed, folder))
+        if doc["run"]["interrupted"]:
+            break
+    return write_seeds(out, scenario_doc(scenario), folders), out

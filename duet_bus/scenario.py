@@ -74,7 +74,8 @@ class ShiftSpec:
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    seed: int
+    seed: int  # the run's seed: data preparation, training, devices, arrivals, shifts
+    seeds: tuple[int, ...]  # the seeds a run repeats with (`seeds:`, `duet run --seeds`); (seed,) for one
     # data
     task: str
     dataset: str
@@ -260,6 +261,21 @@ def _check(value: Any, kind: str, limits: dict) -> Any:
     raise AssertionError(kind)
 
 
+def _seeds(r: "_Reader", top: dict, seed: int) -> tuple[int, ...]:
+    if "seeds" not in top:
+        return (seed,)
+    seeds = top["seeds"]
+    if not isinstance(seeds, list) or not seeds or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in seeds):
+        r.fail("seeds", f"must be a list of non-negative integers, got {_show(seeds)}")
+        return (seed,)
+    if len(set(seeds)) != len(seeds):
+        r.fail("seeds", "lists a seed twice")
+    if "seed" in top:
+        r.fail("seeds", "give either seed or seeds, not both")
+    return tuple(seeds)
+
+
 def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario file (every problem reported at once)."""
     path = Path(path)
@@ -285,13 +301,14 @@ def _check_file(r: "_Reader", field: str, value: str | None) -> None:
 
 def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     r = _Reader()
-    top = r.section(doc, "", ("name", "seed", "data", "model", "methods", "finetune", "devices",
+    top = r.section(doc, "", ("name", "seed", "seeds", "data", "model", "methods", "finetune", "devices",
                               "network_profiles", "arrivals", "shifts", "bus", "cloud", "window", "duration",
                               "output", "dashboard"))
     if doc is None or not isinstance(doc, dict):
         raise ScenarioError(source, r.problems or ["(top level): must be a mapping, got an empty file"])
     name = r.get(top, "", "name", "str")
     seed = r.get(top, "", "seed", "int", 0, min=0)
+    seeds = _seeds(r, top, seed)
 
     data_keys = tuple(dict.fromkeys(k for t in TASKS.values() for k in t.scenario_data))
     data = r.section(top.get("data"), "data", ("dataset", "path", *data_keys))
@@ -399,7 +416,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     cloud = r.section(top.get("cloud"), "cloud", ("workers", "max_batch", "max_wait_ms", "weight_encoding"))
 
     scenario = dict(
-        name=name, seed=seed,
+        name=name, seed=seed, seeds=seeds,
         task=task.name, dataset=dataset, data_path=data_path, prep=prep,
         backbone=r.get(model, "model", "backbone", "str", task.scenario_model["backbone"], choices=task.backbones),
         checkpoints={k: v for k, v in checkpoints.items() if isinstance(v, str)},
@@ -458,6 +475,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         if duration is not None and s.at_s >= duration:
             r.fail(f"shifts[{i}].at", f"must be before the end of the run ({_fmt_duration(duration)}), "
                                       f"got {_fmt_duration(s.at_s)}")
+    if len(seeds) > 1 and scenario["checkpoints"]:
+        r.fail("model.checkpoints", "cannot be combined with several seeds: each seed trains its own models")
     if r.problems:
         raise ScenarioError(source, r.problems)
     return Scenario(**scenario)

@@ -139,3 +139,62 @@ def test_batched_devices_score_as_one_device_at_a_time(scenario_file, kafka_boot
     assert 0 < timing.count("measured") < timing.count("calibrated")
     assert all(float(r["compute_ms"]) > 0 for r in b.values())
     assert all(float(r["finetune_ms"]) > 0 for r in b.values() if r["method"] == "finetune")
+
+
+def test_a_run_over_seeds_reports_mean_std_and_paired_differences(scenario_file, capsys):
+    """`duet run --seeds 2`: each seed a run of its own (its folder, its checkpoints), and one report over
+    seeds: per method the mean and std over seeds, and the paired difference against base pooled over
+    every seed's sessions and per seed. `duet report` recomputes it from the seeds' folders."""
+    import numpy as np
+
+    from duet_bus.cli import main
+
+    out = Path(load_scenario(scenario_file).output).parent / "seeds"
+    doc_file = Path(scenario_file).with_name("seeds.yaml")
+    doc_file.write_text(Path(scenario_file).read_text() + "\nbus: {kind: memory}\n")
+    assert main(["run", str(doc_file), "--seeds", "2", "--output", str(out), "--no-dashboard"]) == 0
+    printed = capsys.readouterr().out
+    assert "2 seeds (3, 4)" in printed and "seeds won" in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["kind"] == "seeds" and doc["seeds"] == [3, 4]
+    per_seed = {k: json.loads((out / f"seed-{k}" / "results.json").read_text()) for k in (3, 4)}
+    for k, one in per_seed.items():
+        assert one["scenario"]["seed"] == k and one["run"]["finished"]
+    for m, r in doc["methods"].items():
+        values = [per_seed[k]["methods"][m]["auc_mean"] for k in (3, 4)]
+        assert r["auc_mean"] == pytest.approx(np.mean(values))
+        assert r["auc_std"] == pytest.approx(np.std(values, ddof=1))
+        assert [p["seed"] for p in r["per_seed"]] == [3, 4]
+        assert r["sessions"] == sum(per_seed[k]["methods"][m]["sessions"] for k in (3, 4))
+        if m != "base":
+            vs = r["vs_base"]
+            assert vs["sessions"] == r["sessions"]
+            assert vs["seed_mean"] == pytest.approx(np.mean([per_seed[k]["methods"][m]["vs_base"]["mean"]
+                                                             for k in (3, 4)]))
+            # Pooled over seeds: the session-weighted mean of the seeds' paired differences.
+            weights = [per_seed[k]["methods"][m]["vs_base"]["sessions"] for k in (3, 4)]
+            assert vs["mean"] == pytest.approx(np.average(
+                [per_seed[k]["methods"][m]["vs_base"]["mean"] for k in (3, 4)], weights=weights))
+            assert 0 <= vs["seeds_won"] <= 2 and vs["se"] > 0
+    # The two seeds differ (data, training, devices): not one run written twice.
+    assert per_seed[3]["methods"]["base"]["auc_mean"] != per_seed[4]["methods"]["base"]["auc_mean"]
+    assert main(["report", str(out)]) == 0
+    assert json.loads((out / "results.json").read_text())["methods"] == doc["methods"]
+
+
+def test_seeds_in_the_scenario_file_and_their_errors(scenario_file):
+    from duet_bus.scenario import ScenarioError, parse_scenario
+
+    doc = yaml.safe_load(Path(scenario_file).read_text())
+    doc.pop("seed")
+    assert parse_scenario({**doc, "seeds": [0, 1, 2]}).seeds == (0, 1, 2)
+    assert parse_scenario(doc).seeds == (0,)
+    for bad, message in (([], "seeds: must be a list of non-negative integers"),
+                         ([1, 1], "seeds: lists a seed twice"), ("3", "seeds: must be a list")):
+        with pytest.raises(ScenarioError, match=message):
+            parse_scenario({**doc, "seeds": bad})
+    with pytest.raises(ScenarioError, match="give either seed or seeds"):
+        parse_scenario({**doc, "seed": 1, "seeds": [1, 2]})
+    doc["model"]["checkpoints"] = {"base": str(scenario_file)}  # any existing file: the check is first
+    with pytest.raises(ScenarioError, match="model.checkpoints: cannot be combined with several seeds"):
+        parse_scenario({**doc, "seeds": [1, 2]})
