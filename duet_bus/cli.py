@@ -346,7 +346,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from duet_bus.train import progress_bar
 
     _load_plugins(args.plugin)
-    scenario = load_scenario(args.file)
+    scenario = load_scenario(args.file, args.set)
     if args.output:
         scenario = replace(scenario, output=args.output)
     if args.seeds is not None:
@@ -452,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-dashboard", action="store_true", help="progress lines instead of the live dashboard")
     p.add_argument("--seeds", type=int, help="repeat the run with this many seeds, from the scenario's seed "
                                              "(training included, cached); report mean ± std over seeds")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a setting of the file, e.g. --set model.backbone=din (repeatable)")
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
     p.set_defaults(func=cmd_run)
 

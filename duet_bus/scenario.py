@@ -276,8 +276,34 @@ def _seeds(r: "_Reader", top: dict, seed: int) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def load_scenario(path: str | Path) -> Scenario:
-    """Read and validate a scenario file (every problem reported at once)."""
+def apply_overrides(doc: Any, overrides: list[str]) -> Any:
+    """``KEY=VALUE`` settings (``model.backbone=din``, ``devices.count=100``) over a scenario document;
+    VALUE is read as YAML (``[0, 1]``, ``true``, ``2h``), KEY is a dotted path of mappings."""
+    if not overrides:
+        return doc
+    if not isinstance(doc, dict):
+        raise ConfigError("--set: the scenario file does not hold a mapping")
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. model.backbone=din")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
+        node = doc
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {item!r}: {'.'.join(parts[:depth + 1])} is not a mapping")
+            node = child
+        node[parts[-1]] = value
+    return doc
+
+
+def load_scenario(path: str | Path, overrides: list[str] | None = None) -> Scenario:
+    """Read and validate a scenario file (every problem reported at once), with ``--set`` overrides."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such scenario file")
@@ -290,7 +316,7 @@ def load_scenario(path: str | Path) -> Scenario:
         raise ConfigError(f"{where}: not valid YAML: {what}") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    return parse_scenario(doc, source=str(path))
+    return parse_scenario(apply_overrides(doc, overrides or []), source=str(path))
 
 
 def _check_file(r: "_Reader", field: str, value: str | None) -> None:

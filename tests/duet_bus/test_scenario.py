@@ -145,3 +145,19 @@ def test_bus_security_reads_the_password_from_its_variable(monkeypatch):
     assert kwargs["sasl_plain_username"] == "fleet" and kwargs["sasl_plain_password"] == "s3cret"
     assert kwargs["ssl_context"] is not None
     assert kafka_security(parse_scenario(minimal())) is None
+
+
+def test_set_overrides_settings_of_the_file(tmp_path):
+    from duet_bus.errors import ConfigError
+    from duet_bus.scenario import load_scenario
+
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\nmodel: {backbone: gru4rec}\ndevices: {count: 5}\nduration: 1h\n")
+    scenario = load_scenario(path, ["model.backbone=din", "devices.count=7", "seeds=[0, 1]", "arrivals.kind=replay"])
+    assert (scenario.backbone, scenario.device_count, scenario.seeds, scenario.arrivals) == ("din", 7, (0, 1), "replay")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_scenario(path, ["model.backbone"])
+    with pytest.raises(ConfigError, match="name is not a mapping"):
+        load_scenario(path, ["name.x=1"])
+    with pytest.raises(ConfigError, match="model.backbone: must be one of"):
+        load_scenario(path, ["model.backbone=resnet"])  # the value is checked like the file's own
