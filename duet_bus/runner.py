@@ -163,6 +163,7 @@ class Runner:
         self._rng = lambda *key: np.random.default_rng([seed, *key])
         self.task = task_named(scenario.task)
         users = choose_users(scenario, prepared, self._rng(0))
+        self.recent = scenario.finetune_recent if "finetune" in scenario.methods else 0
         self.devices = [self.task.device_stream(i, prepared, int(u)) for i, u in enumerate(users)]
         names = list(scenario.network_mix)
         shares = np.array([scenario.network_mix[n] for n in names])
@@ -175,7 +176,6 @@ class Runner:
             if scenario.arrivals == "replay" else 0
         self.finetune = FinetuneConfig(steps=scenario.finetune_steps, lr=scenario.finetune_lr,
                                        recent=scenario.finetune_recent)
-        self.recent = scenario.finetune_recent if "finetune" in scenario.methods else 0
 
     # -- simpy processes -------------------------------------------------------------------------
 

@@ -96,6 +96,8 @@ class Prepared:
     train_session_start: np.ndarray  # position where its session starts
     seen_keys: np.ndarray  # sorted user * (n_items + 1) + item, for negative sampling
     known: np.ndarray  # (n_users,) length of the part of each timeline that training and evaluation use
+    # Derived data shared by every simulated device of a user (`streams.heldout_sessions`), built on demand.
+    shared: dict = field(default_factory=dict, repr=False, compare=False)
 
     def timeline(self, user: int) -> np.ndarray:
         return self.items[self.offsets[user] : self.offsets[user + 1]]

@@ -60,13 +60,17 @@ class SourceSession:
     start_time: int  # dataset timestamp (seconds)
 
 
-def heldout_sessions(prepared: Prepared, user: int) -> list[SourceSession]:
-    """A user's held-out interactions (see `PrepConfig.holdout`) cut into sessions."""
-    begin, end = int(prepared.known[user]), int(prepared.lengths()[user])
-    times = prepared.times[prepared.offsets[user] : prepared.offsets[user + 1]]
-    items = prepared.timeline(user)
-    return [SourceSession(user, items[a:b].copy(), int(times[a]))
-            for a, b in session_bounds(times, begin, end, prepared.config.sessions)]
+def heldout_sessions(prepared: Prepared, user: int) -> tuple[SourceSession, ...]:
+    """A user's held-out interactions (see `PrepConfig.holdout`) cut into sessions: built once per user
+    and shared by every device that streams them (they are only read)."""
+    key = ("heldout", user)
+    if key not in prepared.shared:
+        begin, end = int(prepared.known[user]), int(prepared.offsets[user + 1] - prepared.offsets[user])
+        times = prepared.times[prepared.offsets[user] : prepared.offsets[user + 1]]
+        items = prepared.timeline(user)
+        prepared.shared[key] = tuple(SourceSession(user, items[a:b], int(times[a]))
+                                     for a, b in session_bounds(times, begin, end, prepared.config.sessions))
+    return prepared.shared[key]
 
 
 def log_windows(log: np.ndarray, ends: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,12 +93,16 @@ class DeviceStream:
     the items a device clicks (`duet_bus.shifts`).
     """
 
+    __slots__ = ("index", "prepared", "device_id", "home_user", "negatives", "log", "user", "_sessions", "_next",
+                 "transform", "sessions_done")
+
     def __init__(self, index: int, prepared: Prepared, user: int, negatives: int) -> None:
         self.index = index
         self.prepared = prepared
         self.device_id = f"d{index:05d}-u{int(prepared.raw_user_ids[user])}"
         self.home_user = user
         self.negatives = negatives
+        # The device's whole click log: shifts read it (the genres a device rarely watched).
         self.log = prepared.timeline(user)[: prepared.known[user]].copy()
         self.switch_to(user)
         self.transform = None  # (items, rng) -> items
@@ -103,11 +111,16 @@ class DeviceStream:
     def switch_to(self, user: int) -> None:
         """From now on, stream ``user``'s held-out sessions."""
         self.user = user
-        self.queue = heldout_sessions(self.prepared, user)
+        self._sessions, self._next = heldout_sessions(self.prepared, user), 0
+
+    @property
+    def queue(self) -> tuple[SourceSession, ...]:
+        """The held-out sessions still to stream."""
+        return self._sessions[self._next:]
 
     @property
     def exhausted(self) -> bool:
-        return not self.queue
+        return self._next >= len(self._sessions)
 
     @property
     def home_id(self) -> int:
@@ -121,11 +134,12 @@ class DeviceStream:
 
     def next_time(self) -> int:
         """Dataset timestamp of the next session (``arrivals: replay``)."""
-        return self.queue[0].start_time
+        return self._sessions[self._next].start_time
 
     def next_session(self, rng: np.random.Generator, recent: int = 0) -> DeviceSession:
         """Cut the device's next session: score each click given the clicks before it."""
-        source = self.queue.pop(0)
+        source = self._sessions[self._next]
+        self._next += 1
         items = source.items if self.transform is None else self.transform(source.items, rng)
         history_len = self.prepared.config.history_len
         realtime = self.log[-history_len:].copy()
