@@ -360,11 +360,30 @@ class _Group:
     committed: dict[tuple[str, int], int] = field(default_factory=dict)
 
 
-class MemoryBus:
-    """In-process topics with the KafkaBus interface. For unit tests only."""
+class _Log(list):
+    """A partition of the in-process bus: its records from offset ``base`` on (older ones were deleted)."""
 
     def __init__(self) -> None:
-        self.topics: dict[str, list[list[Record]]] = {}
+        super().__init__()
+        self.base = 0
+        self.bytes = 0
+
+    def end(self) -> int:
+        """The offset the next record gets."""
+        return self.base + len(self)
+
+
+class MemoryBus:
+    """In-process topics with the KafkaBus interface: for tests and `bus.kind: memory` runs.
+
+    Like a Kafka topic with ``retention.bytes``, a partition keeps its most recent
+    ``retention_bytes`` of record values (deleting the oldest in chunks); a consumer whose position was
+    deleted reads on from the oldest record kept. Without it, a long run kept every report and reply.
+    """
+
+    def __init__(self, retention_bytes: int = 8 << 20) -> None:
+        self.retention_bytes = retention_bytes
+        self.topics: dict[str, list[_Log]] = {}
         self.groups: dict[str, _Group] = defaultdict(_Group)
         self._changed = asyncio.Event()
 
@@ -373,7 +392,7 @@ class MemoryBus:
 
     async def ensure_topics(self, topics: dict[str, int]) -> None:
         for name, parts in topics.items():
-            self.topics.setdefault(name, [[] for _ in range(parts)])
+            self.topics.setdefault(name, [_Log() for _ in range(parts)])
 
     async def partition_count(self, topic: str) -> int:
         return len(self.topics.get(topic, ()))
@@ -381,16 +400,25 @@ class MemoryBus:
     async def send(self, topic: str, value: bytes, key: bytes | None = None,
                    partition: int | None = None) -> tuple[int, int]:
         if topic not in self.topics:
-            self.topics[topic] = [[]]
+            self.topics[topic] = [_Log()]
         parts = self.topics[topic]
         if partition is None:
-            partition = (hash(key) if key is not None else len(parts[0])) % len(parts)
+            partition = (hash(key) if key is not None else parts[0].end()) % len(parts)
         if not 0 <= partition < len(parts):
             raise KafkaError(f"{topic} has no partition {partition}")
         log = parts[partition]
-        log.append(Record(topic, partition, len(log), key, value, int(time.time() * 1000)))
+        offset = log.end()
+        log.append(Record(topic, partition, offset, key, value, int(time.time() * 1000)))
+        log.bytes += len(value or b"")  # a tombstone (None) holds no bytes
+        if log.bytes > self.retention_bytes * 5 // 4:  # delete in chunks: amortised O(1) per record
+            drop = 0
+            while log.bytes > self.retention_bytes:
+                log.bytes -= len(log[drop].value or b"")
+                drop += 1
+            del log[:drop]
+            log.base += drop
         self._changed.set()
-        return partition, len(log) - 1
+        return partition, offset
 
     async def send_many(self, messages: list[tuple[str, bytes, bytes | None, int | None]]) -> list[BaseException | None]:
         out: list[BaseException | None] = []
@@ -427,7 +455,7 @@ class _MemoryConsumer(Consumer):
 
     async def start(self) -> None:
         if self.fixed:
-            self.positions[self.fixed] = len(self.bus.topics[self.fixed[0]][self.fixed[1]])
+            self.positions[self.fixed] = self.bus.topics[self.fixed[0]][self.fixed[1]].end()
         else:
             self.bus.groups[self.group_id].members.append(self)
 
@@ -452,8 +480,8 @@ class _MemoryConsumer(Consumer):
         out: list[Record] = []
         for tp in sorted(self.assignment()):
             log = self.bus.topics[tp[0]][tp[1]]
-            start = self._position(tp)
-            take = log[start : start + max_records - len(out)]
+            start = max(self._position(tp), log.base)
+            take = log[start - log.base : start - log.base + max_records - len(out)]
             self.positions[tp] = start + len(take)
             out.extend(take)
         return out
@@ -473,4 +501,5 @@ class _MemoryConsumer(Consumer):
         self.positions.update(offsets)
 
     async def lag(self) -> int:
-        return sum(len(self.bus.topics[t][p]) - self._position((t, p)) for t, p in self.assignment())
+        return sum(self.bus.topics[t][p].end() - max(self._position((t, p)), self.bus.topics[t][p].base)
+                   for t, p in self.assignment())

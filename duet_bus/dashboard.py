@@ -23,6 +23,9 @@ from duet_bus.runner import RunState
 from duet_bus.tasks import task_named
 
 
+RECENT = 2000  # sessions per method the delay percentiles are taken over
+
+
 def _hms(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -37,27 +40,29 @@ def render(state: RunState) -> Group:
         f"  wall {state.wall_s:.1f} s  speed-up x{speedup:,.0f}",
         f"  sessions {state.sessions}  devices active {state.devices_active}",
         f"  fallbacks {state.fallbacks}",
+        f"  (delays: the last {RECENT:,} sessions of each method)",
     )
     last = state.shifts[-1] if state.shifts else None
-    shifted = set(last.devices) if last else set()
     primary = task_named(s.task).primary
     name = METRIC_NAMES.get(primary, primary)
     table = Table(expand=False, title_justify="left")
     for col in ("Method", "Sessions", name, f"{name} since {last.label}" if last else f"{name} since shift",
                 "upload p50", "bus p50", "cloud p50", "gen p50", "download p50", "device p50", "total p95"):
         table.add_column(col, justify="left" if col == "Method" else "right")
+    # Counts and means over the whole run (running totals); delay percentiles over the recent sessions.
     by_method: dict[str, list] = {m: [] for m in s.methods}
-    for r in state.records:
+    for r in state.records[-RECENT * len(s.methods):]:
         by_method[r.method].append(r)
     for m, rows in by_method.items():
-        if not rows:
+        totals = state.totals.get(m)
+        if not rows or totals is None:
             table.add_row(LABELS.get(m, m), "0", *["-"] * 9)
             continue
-        after = [r.metrics[primary] for r in rows if last and r.device_id in shifted and r.start_s >= last.at_s]
         p50 = lambda key: f"{np.percentile([getattr(r, key) for r in rows], 50):.2f}"  # noqa: E731
         table.add_row(
-            LABELS.get(m, m), str(len(rows)), f"{np.mean([r.metrics[primary] for r in rows]):.4f}",
-            f"{np.mean(after):.4f} ({len(after)})" if after else "-",
+            LABELS.get(m, m), str(totals.sessions), f"{totals.total / totals.sessions:.4f}",
+            f"{totals.since_shift_total / totals.since_shift:.4f} ({totals.since_shift})"
+            if last and totals.since_shift else "-",
             p50("upload_ms"), p50("bus_ms"), p50("cloud_ms"), p50("generation_ms"), p50("download_ms"),
             f"{np.percentile([r.finetune_ms + r.compute_ms for r in rows], 50):.2f}",
             f"{np.percentile([r.total_ms for r in rows], 95):.2f}",

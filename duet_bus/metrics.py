@@ -9,32 +9,47 @@ from __future__ import annotations
 import numpy as np
 
 
+# Scores this close (relative to the positive's size, at least 1) are tied. The same pair scored by the same model
+# in batches of different shapes can differ in the last bits (matrix products sum in a different order), and
+# exact ties are common (the same item as a positive in one row and a negative in another, with the same
+# user state): without a tolerance, float rounding would decide such pairs, and a session's AUC would depend on
+# how the simulator batched it.
+TIE = 1e-5
+
+
+def _tolerance(scores: np.ndarray) -> np.ndarray:
+    return TIE * np.maximum(np.abs(scores), 1.0)
+
+
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Area under the ROC curve over all pairs; ties count one half.
+    """Area under the ROC curve over all pairs; ties (`TIE`) count one half.
 
     The Mann-Whitney count: for each positive, the negatives below it, plus half those tied with it
-    (one sort of the negatives and two binary searches; the same number as ranking everything).
+    (one sort of the negatives and two binary searches per positive).
     """
     labels = np.asarray(labels, dtype=bool).ravel()
     scores = np.asarray(scores, dtype=np.float64).ravel()
     pos, neg = scores[labels], np.sort(scores[~labels])
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("AUC needs at least one positive and one negative")
-    below = np.searchsorted(neg, pos, "left")
-    tied = np.searchsorted(neg, pos, "right") - below
+    tol = _tolerance(pos)
+    below = np.searchsorted(neg, pos - tol, "left")
+    tied = np.searchsorted(neg, pos + tol, "right") - below
     return float((below.sum() + 0.5 * tied.sum()) / (len(pos) * len(neg)))
 
 
 def positive_rank(scores: np.ndarray) -> np.ndarray:
-    """1-based rank of column 0 in each row; ties with negatives rank it lower."""
-    return 1 + (scores[:, 1:] >= scores[:, :1]).sum(axis=1)
+    """1-based rank of column 0 in each row; negatives tied with it (`TIE`) rank it lower."""
+    scores = np.asarray(scores, np.float64)
+    return 1 + (scores[:, 1:] >= scores[:, :1] - _tolerance(scores[:, :1])).sum(axis=1)
 
 
 def group_auc(scores: np.ndarray) -> float:
-    """User-averaged AUC (GAUC): each row's share of negatives ranked below the positive."""
-    pos = scores[:, :1]
-    neg = scores[:, 1:]
-    per_row = ((neg < pos).sum(1) + 0.5 * (neg == pos).sum(1)) / neg.shape[1]
+    """User-averaged AUC (GAUC): each row's share of negatives ranked below the positive (ties half)."""
+    scores = np.asarray(scores, np.float64)
+    pos, neg = scores[:, :1], scores[:, 1:]
+    tol = _tolerance(pos)
+    per_row = ((neg < pos - tol).sum(1) + 0.5 * (np.abs(neg - pos) <= tol).sum(1)) / neg.shape[1]
     return float(per_row.mean())
 
 

@@ -56,7 +56,7 @@ LOCAL_METHODS = ("base", "finetune")
 log = logging.getLogger("duet.runner")
 
 
-@dataclass
+@dataclass(slots=True)
 class SessionRecord:
     """One method's result for one session: a row of ``sessions.csv``."""
 
@@ -92,11 +92,24 @@ class ShiftEvent:
 
 
 @dataclass
+class MethodTotals:
+    """A method's running count and sum of the primary metric, overall and on the devices of the last
+    shift since it (what the dashboard shows without going over every record)."""
+
+    sessions: int = 0
+    total: float = 0.0
+    since_shift: int = 0
+    since_shift_total: float = 0.0
+
+
+@dataclass
 class RunState:
     """What the dashboard and the report read; the runner keeps it current."""
 
     scenario: Scenario
     records: list[SessionRecord] = field(default_factory=list)
+    totals: dict[str, MethodTotals] = field(default_factory=dict)
+    shifted: set[str] = field(default_factory=set)  # the devices of the last shift
     shifts: list[ShiftEvent] = field(default_factory=list)
     now_s: float = 0.0
     wall_start: float = field(default_factory=time.perf_counter)
@@ -171,7 +184,6 @@ class Runner:
         self.profile: dict[str, NetworkProfile] = {
             d.device_id: scenario.profiles[names[k]] for d, k in zip(self.devices, picks)}
         self.shifts = [SHIFTS[s.kind](prepared, s.params) for s in scenario.shifts]
-        self.agents: dict[tuple[str, str], DeviceAgent] = {}
         self._first_time = min((d.next_time() for d in self.devices if not d.exhausted), default=0) \
             if scenario.arrivals == "replay" else 0
         self.finetune = FinetuneConfig(steps=scenario.finetune_steps, lr=scenario.finetune_lr,
@@ -225,16 +237,18 @@ class Runner:
         for device in chosen:
             self.shifts[index].apply(device, rng)
         self.state.shifts.append(ShiftEvent(spec.label, spec.kind, spec.at_s, [d.device_id for d in chosen]))
+        self.state.shifted = {d.device_id for d in chosen}
+        for totals in self.state.totals.values():
+            totals.since_shift = 0
+            totals.since_shift_total = 0.0
 
     # -- the real work ---------------------------------------------------------------------------
 
     def _agent(self, device, method: str) -> DeviceAgent:
-        key = (device.device_id, method)
-        agent = self.agents.get(key)
-        if agent is None:
-            ckpt = self.checkpoints["base" if method in LOCAL_METHODS else method]
-            agent = self.agents[key] = DeviceAgent(device.device_id, ckpt, self.state.fleet, method)
-        return agent
+        """The device's agent for a method: made for the session (a device keeps nothing between sessions
+        but its stream: every session starts from the global classifier or asks the cloud)."""
+        ckpt = self.checkpoints["base" if method in LOCAL_METHODS else method]
+        return DeviceAgent(device.device_id, ckpt, self.state.fleet, method)
 
     async def _serve(self, jobs: list[_Job]) -> None:
         fleet = self.state.fleet
@@ -275,9 +289,20 @@ class Runner:
                     continue
                 record = self._record(job, method, results[id(job), method])
                 job.delay_s = max(job.delay_s, record.total_ms / 1000)
-                self.state.records.append(record)
-                self.state.fallbacks += record.fallback
+                self._add(record)
         self.state.sessions += len(jobs)
+
+    def _add(self, record: SessionRecord) -> None:
+        state = self.state
+        state.records.append(record)
+        state.fallbacks += record.fallback
+        totals = state.totals.setdefault(record.method, MethodTotals())
+        value = record.metrics[self.task.primary]
+        totals.sessions += 1
+        totals.total += value
+        if record.device_id in state.shifted:
+            totals.since_shift += 1
+            totals.since_shift_total += value
 
     def _record(self, job: _Job, method: str, report: SessionReport) -> SessionRecord:
         d = report.delay_ms

@@ -181,3 +181,19 @@ def test_a_head_too_large_for_one_message_is_refused_with_the_encodings_that_fit
         GeneratorService(MemoryBus(), [big], CloudConfig())
     for encoding in ("float16", "int8", "factored"):
         GeneratorService(MemoryBus(), [big], CloudConfig(weight_encoding=encoding))
+
+
+async def test_the_in_process_bus_keeps_its_retention_and_consumers_read_on():
+    """`MemoryBus(retention_bytes)`: a partition deletes its oldest records past the limit; offsets stay
+    absolute, and a consumer whose position was deleted reads on from the oldest record kept."""
+    bus = MemoryBus(retention_bytes=1000)
+    await bus.ensure_topics({"t": 1})
+    consumer = bus.group_consumer(["t"], "g")
+    await consumer.start()
+    offsets = [(await bus.send("t", bytes(100), partition=0))[1] for _ in range(30)]
+    assert offsets == list(range(30))
+    log = bus.topics["t"][0]
+    assert 1000 - 100 < log.bytes <= 1250 and log.base > 0 and log[0].offset == log.base
+    records = await consumer.getmany(10, 1000)
+    assert [r.offset for r in records] == list(range(log.base, 30))
+    assert await consumer.lag() == 0

@@ -32,3 +32,15 @@ def test_rank_hr_ndcg():
     assert np.isclose(m["ndcg2"], (1 + 1 / np.log2(3)) / 3)
     assert np.isclose(group_auc(scores), (1 + 0 + 2.5 / 3) / 3)
 
+
+
+def test_scores_equal_up_to_float_rounding_are_ties():
+    """The same pair scored in batches of different shapes can differ in the last bits: still a tie."""
+    exact = np.array([[1.0, 1.0, 0.0], [2.0, 3.0, 1.0]])
+    noisy = exact + np.array([[0.0, 3e-7, 0.0], [0.0, 0.0, 0.0]])
+    labels = np.zeros(exact.shape, bool)
+    labels[:, 0] = True
+    assert auc(labels, noisy) == auc(labels, exact) == 5 / 8  # 1: two ties, a win, a loss; 2: three wins
+    assert list(positive_rank(noisy)) == list(positive_rank(exact)) == [2, 2]
+    assert group_auc(noisy) == group_auc(exact)
+    assert auc(labels, exact + np.array([[0.0, 1e-3, 0.0], [0.0, 0.0, 0.0]])) < auc(labels, exact)  # not a tie
