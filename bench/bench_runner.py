@@ -2,16 +2,19 @@
 
 Prints, in one run:
 
-- simulated sessions per wall second of the same scenario (200 devices, all
-  four methods, GRU4Rec) with the in-process bus and with Kafka (the embedded
-  broker), and their ratio;
-- peak memory per simulated device at 1k and 10k devices (peak RSS of a run
-  minus the peak RSS of the same process with data and models loaded and no
-  device, divided by the device count).
+- simulated sessions per wall second of one scenario (GRU4Rec, all four
+  methods, Poisson arrivals at 2 sessions per device-hour, 60 s windows) at
+  200 and 10,000 devices, with the in-process bus and over Kafka (the embedded
+  broker), on the batched device side (`devices.batched`, the default) and,
+  as the baseline measured in the same run, one device at a time;
+- peak memory per simulated device at 1,000, 10,000 and 100,000 devices (15
+  virtual minutes, in-process bus): the peak RSS of the run minus the peak RSS
+  of the same run with one device (data, models, imports, bus and report all
+  loaded), divided by the extra devices.
 
 Every measurement runs in a fresh child process so that peak RSS is its own.
 Checkpoints are trained once (1 epoch; accuracy is not what this measures)
-and cached in a temporary folder. Run: `make bench-runner`.
+and cached in a temporary folder. Run: `make bench-runner` (about 15 minutes).
 """
 
 from __future__ import annotations
@@ -42,29 +45,26 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def child(kind: str, devices: int, duration: str, folder: str) -> dict:
+def child(kind: str, devices: int, duration: str, batched: bool, folder: str) -> dict:
     from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
     from duet_bus.scenario import parse_scenario
 
-    doc = dict(SCENARIO, duration=duration, output=str(Path(folder) / f"{kind}-{devices}"))
-    doc["devices"] = {"count": max(devices, 1)}  # 0: load data and models, run nothing
+    doc = dict(SCENARIO, duration=duration, output=str(Path(folder) / f"{kind}-{devices}-{batched}"))
+    doc["devices"] = {"count": devices, "batched": batched}
     doc["bus"] = {"kind": kind}
     scenario = parse_scenario(doc)
     prepared = prepare_data(scenario)
     checkpoints = load_checkpoints(scenario, prepared)
-    loaded = _rss_mb()
-    if devices == 0:
-        return {"rss_mb": loaded}
     start = time.perf_counter()
     result, _ = run_scenario(scenario, prepared, checkpoints)
     wall = time.perf_counter() - start
-    return {"rss_mb": _rss_mb(), "loaded_mb": loaded, "sessions": result["run"]["sessions"], "wall_s": wall,
+    return {"rss_mb": _rss_mb(), "sessions": result["run"]["sessions"], "wall_s": wall,
             "run_wall_s": result["run"]["wall_s"]}
 
 
-def spawn(kind: str, devices: int, duration: str, folder: str) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(devices), duration, folder],
-                         capture_output=True, text=True, check=False)
+def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", kind, str(devices), duration, str(int(batched)),
+                          folder], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"child {kind}/{devices} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -74,32 +74,38 @@ def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory() as folder:
         console.print("training the bench checkpoints (1 epoch each, cached for the rest of the run)")
-        spawn("memory", 0, "3h", folder)
+        spawn("memory", 1, "1m", True, folder)
 
-        table = Table(title="Simulated sessions per wall second (200 devices, 4 methods, 3 virtual hours)")
-        for col in ("Bus", "Sessions", "Wall s", "Sessions / s", "vs in-process"):
+        table = Table(title="Simulated sessions per wall second (GRU4Rec, 4 methods; the run's own wall time)")
+        for col in ("Devices", "Virtual", "Bus", "Device side", "Sessions", "Wall s", "Sessions / s",
+                    "vs one at a time"):
             table.add_column(col, justify="right")
-        rates = {}
-        for kind in ("memory", "kafka"):
-            r = spawn(kind, 200, "3h", folder)
-            rates[kind] = r["sessions"] / r["run_wall_s"]
-            table.add_row("in-process" if kind == "memory" else "Kafka (embedded Tansu)", str(r["sessions"]),
-                          f"{r['run_wall_s']:.1f}", f"{rates[kind]:.1f}", f"{rates[kind] / rates['memory']:.2f}x")
+        for devices, duration in ((200, "3h"), (10_000, "15m")):
+            for kind in ("memory", "kafka"):
+                rates = {}
+                for batched in (False, True):
+                    r = spawn(kind, devices, duration, batched, folder)
+                    rates[batched] = r["sessions"] / r["run_wall_s"]
+                    table.add_row(f"{devices:,}", duration, "in-process" if kind == "memory" else "Kafka (Tansu)",
+                                  "batched" if batched else "one at a time", f"{r['sessions']:,}",
+                                  f"{r['run_wall_s']:.1f}", f"{rates[batched]:,.0f}",
+                                  f"{rates[batched] / rates[False]:.1f}x")
         console.print(table)
 
-        table = Table(title="Peak memory per simulated device (Kafka, 4 methods, 15 virtual minutes)")
-        for col in ("Devices", "Sessions", "Peak RSS MB", "Baseline MB", "KB / device"):
+        table = Table(title="Peak memory per simulated device (in-process bus, batched, 4 methods, 15 virtual min)")
+        for col in ("Devices", "Sessions", "Peak RSS MB", "1-device run MB", "kB / device", "Wall s"):
             table.add_column(col, justify="right")
-        baseline = spawn("kafka", 0, "15m", folder)["rss_mb"]
-        for n in (1000, 10000):
-            r = spawn("kafka", n, "15m", folder)
-            per = (r["rss_mb"] - baseline) * 1024 / n
-            table.add_row(f"{n:,}", str(r["sessions"]), f"{r['rss_mb']:.0f}", f"{baseline:.0f}", f"{per:.1f}")
+        baseline = spawn("memory", 1, "15m", True, folder)["rss_mb"]
+        for n in (1_000, 10_000, 100_000):
+            r = spawn("memory", n, "15m", True, folder)
+            per = (r["rss_mb"] - baseline) * 1024 / (n - 1)
+            table.add_row(f"{n:,}", f"{r['sessions']:,}", f"{r['rss_mb']:.0f}", f"{baseline:.0f}", f"{per:.1f}",
+                          f"{r['run_wall_s']:.0f}")
         console.print(table)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])))
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", sys.argv[6])))
     else:
         main()

@@ -58,6 +58,7 @@ class FleetConfig:
     upload: str = "samples"
     # `run_many`: the share of sessions whose device compute is also timed alone (the rest are calibrated).
     timing_share: float = 0.01
+    batch_sessions: int = 128  # `run_many`: sessions per stacked computation at most
 
     def __post_init__(self) -> None:
         if not self.deadline_s > 0:
@@ -293,17 +294,18 @@ class Fleet:
                     agent.weights = global_layers if weights is None else weights[i]
                 scores[i], delays[i]["device_compute_ms"] = await asyncio.to_thread(agent._score, session)
                 self.calibration.add(method, delays[i], len(session.samples))
-            if rest:
-                batch = [sessions[i].samples for i in rest]
+            size = self.config.batch_sessions  # bounds the memory of one computation
+            for chunk in (rest[k: k + size] for k in range(0, len(rest), size)):
+                batch = [sessions[i].samples for i in chunk]
                 if method == "finetune":
                     layers = await asyncio.to_thread(model.finetune_many, global_layers,
-                                                     [sessions[i].recent for i in rest], self.config.finetune)
+                                                     [sessions[i].recent for i in chunk], self.config.finetune)
                 elif weights is None:
                     layers = global_layers
                 else:
-                    layers = [weights[i] for i in rest]
+                    layers = [weights[i] for i in chunk]
                 batched = await asyncio.to_thread(_inference, model.score_many, batch, layers)
-                for i, out in zip(rest, batched):
+                for i, out in zip(chunk, batched):
                     scores[i] = out
                     delays[i].update(self.calibration.estimate(method, len(sessions[i].samples)))
         reports = []

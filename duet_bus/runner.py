@@ -222,7 +222,8 @@ class Runner:
             job = _Job(device, device.next_session(rng, self.recent), self.env.now, self.env.event(), owner)
             self.pending.append(job)
             yield job.done
-            yield self.env.timeout(job.delay_s)
+            delay, job = job.delay_s, None  # the session's samples are not kept until the next one
+            yield self.env.timeout(delay)
 
     def _shift(self, index: int):
         spec = self.scenario.shifts[index]
