@@ -232,25 +232,19 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
 def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict) -> dict:
     """Write ``results.json``, ``sessions.csv`` and the plots; return the results document."""
     out.mkdir(parents=True, exist_ok=True)
-    rows = [_flat(asdict(r)) for r in records]
-    columns = list(rows[0]) if rows else []
-    with open(out / "sessions.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    with open(out / "sessions.csv", "w", newline="") as f:  # row by row: a big run's rows never all at once
+        writer = None
+        for record in records:
+            row = record.row()
+            if writer is None:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                writer.writeheader()
+            writer.writerow(row)
     shift_dicts = [asdict(s) for s in shifts]
-    doc = summarize_run(scenario, rows, shift_dicts, run)
+    doc = summarize_run(scenario, records, shift_dicts, run)  # a record reads like a row (`record[key]`)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
-    plot_run(out, doc, rows)
+    plot_run(out, doc, records)
     return doc
-
-
-def _flat(row: dict) -> dict:
-    """A session record as a ``sessions.csv`` row: each of the task's metrics a column of its own."""
-    out = {}
-    for key, value in row.items():
-        out |= value if key == "metrics" else {key: value}
-    return out
 
 
 _NUMERIC = {"start_s", "upload_ms", "download_ms", "bus_ms", "cloud_ms", "generation_ms", "finetune_ms",

@@ -82,6 +82,20 @@ class SessionRecord:
     total_ms: float
     device_timing: str = "measured"  # finetune_ms and compute_ms: "measured" alone, or "calibrated" (batched)
 
+    def __getitem__(self, key: str) -> Any:
+        """A field or one of the metrics by name: the report reads a record as it reads a ``sessions.csv``
+        row, without a dict per row."""
+        metrics = self.metrics
+        return metrics[key] if key in metrics else getattr(self, key)
+
+    def row(self) -> dict:
+        """The record as a ``sessions.csv`` row: each of the task's metrics a column of its own."""
+        out = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            out |= value if name == "metrics" else {name: value}
+        return out
+
 
 @dataclass
 class ShiftEvent:
