@@ -43,7 +43,7 @@ class DeviceAgent:
         if self.method == "base":
             self.weights = self.checkpoint.global_layers
         elif self.method == "finetune":
-            self.weights, delay["finetune_ms"] = self._finetune(session)
+            self.weights, delay["finetune_ms"] = self.finetune(session)
         else:
             reply = await self.fleet.request(self, session, delay, payload)
             if reply is None:
@@ -55,10 +55,15 @@ class DeviceAgent:
         # free to take other devices' replies the moment they arrive. One
         # device computes at a time (see `Fleet.compute_lock`).
         async with self.fleet.compute_lock:
-            scores, delay["device_compute_ms"] = await asyncio.to_thread(self._score, session)
+            scores, delay["device_compute_ms"] = await asyncio.to_thread(self.score, session)
+        return self.report(session, scores, fallback, delay, payload)
+
+    def report(self, session: DeviceSession, scores: np.ndarray, fallback: bool, delay: dict[str, float],
+               payload: dict[str, int]) -> SessionReport:
+        """What the device reports of a session."""
         return SessionReport(
             session_id=self.fleet.session_id(session), device_id=self.device_id, method=self.method,
-            model_version=self.checkpoint.model_version, scores=scores.astype(np.float32),
+            model_version=self.checkpoint.model_version, scores=np.asarray(scores, np.float32),
             labels=np.asarray(session.samples.labels, np.float32).ravel(), fallback=fallback,
             delay_ms=delay, payload_bytes=payload,
         )
@@ -69,13 +74,15 @@ class DeviceAgent:
         # A factored reply is combined with the generator's shared factors this device holds.
         return self.checkpoint.model.head.unfactor(layers) if reply.form == "factored" else layers
 
-    def _score(self, session: DeviceSession) -> tuple[np.ndarray, float]:
+    def score(self, session: DeviceSession) -> tuple[np.ndarray, float]:
+        """The session's scores with the current weights, and the wall time in ms."""
         start = time.perf_counter()
         with torch.inference_mode():
             scores = self.checkpoint.model.score_samples(session.samples, self.weights)
         return scores, (time.perf_counter() - start) * 1000
 
-    def _finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
+    def finetune(self, session: DeviceSession) -> tuple[LayerWeights, float]:
+        """The global classifier fine-tuned on the session's labelled recent samples, and the wall time in ms."""
         if session.recent is None or len(session.recent) == 0:
             raise ProtocolError("recent", f"session {session.session_id}: fine-tuning needs labelled recent samples")
         return self.checkpoint.model.finetune(self.checkpoint.global_layers, session.recent, self.fleet.config.finetune)

@@ -258,9 +258,9 @@ class Fleet:
         computation. Every session's scores are what its device computes alone, to float rounding.
 
         A device's compute time cannot be read off a batched computation (a batch's time divided by its
-        size is not one device's time). So a seeded share of the sessions (`FleetConfig.timing_share`,
-        and each method's first) is computed alone, exactly as `run` does, and timed; the others report
-        the calibration those give (`Calibration`), named as such in their report:
+        size is not one device's time). So a hashed share of the sessions (`FleetConfig.timing_share`; one
+        of a method's first batch if none of it is) is computed alone, exactly as `run` does, and timed;
+        the others report the calibration those give (`Calibration`), named as such in their report:
         ``device_compute_calibrated_ms`` and ``finetune_calibrated_ms`` instead of ``device_compute_ms``
         and ``finetune_ms``.
         """
@@ -289,10 +289,10 @@ class Fleet:
             for i in timed:  # one device, as `run` computes it, timed
                 agent, session = agents[i], sessions[i]
                 if method == "finetune":
-                    agent.weights, delays[i]["finetune_ms"] = await asyncio.to_thread(agent._finetune, session)
+                    agent.weights, delays[i]["finetune_ms"] = await asyncio.to_thread(agent.finetune, session)
                 else:
                     agent.weights = global_layers if weights is None else weights[i]
-                scores[i], delays[i]["device_compute_ms"] = await asyncio.to_thread(agent._score, session)
+                scores[i], delays[i]["device_compute_ms"] = await asyncio.to_thread(agent.score, session)
                 self.calibration.add(method, delays[i], len(session.samples))
             size = self.config.batch_sessions  # bounds the memory of one computation
             for chunk in (rest[k: k + size] for k in range(0, len(rest), size)):
@@ -308,15 +308,9 @@ class Fleet:
                 for i, out in zip(chunk, batched):
                     scores[i] = out
                     delays[i].update(self.calibration.estimate(method, len(sessions[i].samples)))
-        reports = []
-        for agent, session, score, delay, payload, fell in zip(agents, sessions, scores, delays, payloads, fallback):
-            report = protocol.SessionReport(
-                session_id=self.session_id(session), device_id=agent.device_id, method=method,
-                model_version=agent.checkpoint.model_version, scores=np.asarray(score, np.float32),
-                labels=np.asarray(session.samples.labels, np.float32).ravel(), fallback=fell,
-                delay_ms=delay, payload_bytes=payload)
-            reports.append(report)
-            self._published(report, agent.device_id)
+        reports = [agent.report(*row) for agent, *row in zip(agents, sessions, scores, fallback, delays, payloads)]
+        for report in reports:
+            self._published(report, report.device_id)
         return reports
 
     async def _publish(self) -> None:
@@ -347,9 +341,9 @@ class Calibration:
     """Device compute times of the sessions a batched run does not time alone.
 
     Which sessions are timed alone is a hash of the session id (``share`` of them), so it does not
-    depend on how sessions fall into batches, plus one of the first batch if none of it is chosen. A calibrated
-    session gets the median over its method's timed sessions: of the inference time per sample, times
-    its own sample count, and of the fine-tuning time.
+    depend on how sessions fall into batches. A calibrated session gets the median over its method's
+    timed sessions: of the inference time per sample, times its own sample count, and of the
+    fine-tuning time.
     """
 
     def __init__(self, share: float) -> None:

@@ -376,12 +376,13 @@ class _Log(list):
 class MemoryBus:
     """In-process topics with the KafkaBus interface: for tests and `bus.kind: memory` runs.
 
-    Like a Kafka topic with ``retention.bytes``, a partition keeps its most recent
+    Like a Kafka topic with ``retention.bytes``, a partition may keep only its most recent
     ``retention_bytes`` of record values (deleting the oldest in chunks); a consumer whose position was
-    deleted reads on from the oldest record kept. Without it, a long run kept every report and reply.
+    deleted reads on from the oldest record kept. The runner sets it (`RUN_RETENTION`): without it a
+    long run kept every report and reply. None (tests): everything is kept.
     """
 
-    def __init__(self, retention_bytes: int = 8 << 20) -> None:
+    def __init__(self, retention_bytes: int | None = None) -> None:
         self.retention_bytes = retention_bytes
         self.topics: dict[str, list[_Log]] = {}
         self.groups: dict[str, _Group] = defaultdict(_Group)
@@ -410,7 +411,7 @@ class MemoryBus:
         offset = log.end()
         log.append(Record(topic, partition, offset, key, value, int(time.time() * 1000)))
         log.bytes += len(value or b"")  # a tombstone (None) holds no bytes
-        if log.bytes > self.retention_bytes * 5 // 4:  # delete in chunks: amortised O(1) per record
+        if self.retention_bytes is not None and log.bytes > self.retention_bytes * 5 // 4:  # in chunks: O(1) each
             drop = 0
             while log.bytes > self.retention_bytes:
                 log.bytes -= len(log[drop].value or b"")

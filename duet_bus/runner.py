@@ -53,6 +53,7 @@ from duet_bus.shifts import SHIFTS
 from duet_bus.tasks import task_named
 
 LOCAL_METHODS = ("base", "finetune")
+RUN_RETENTION = 8 << 20  # bytes a partition of the in-process bus keeps in a run (`bus.kind: memory`)
 log = logging.getLogger("duet.runner")
 
 
@@ -491,7 +492,7 @@ def kafka_security(scenario: Scenario) -> Security | None:
 async def run_async(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
                     on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None,
                     security: Security | None = None) -> RunState:
-    bus = MemoryBus() if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=security)
+    bus = MemoryBus(RUN_RETENTION) if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=security)
     await bus.start()
     try:
         return await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step).run()
