@@ -65,10 +65,11 @@ def finetune_classifier(
     x = tensors(recent)
     labels = torch.from_numpy(recent.labels)
     begin = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad():  # the static layers' part, once
         features = model.backbone.features(x["history"], x["history_len"], x["targets"])
+        side = model.backbone.target_side(x["targets"])
     weights = adam_steps(start, lambda layers: F.binary_cross_entropy_with_logits(
-        model.apply_head(features, x["targets"], layers), labels), config)
+        model.apply_head(features, x["targets"], layers, side=side), labels), config)
     return weights, (time.perf_counter() - begin) * 1000
 
 
@@ -83,11 +84,12 @@ def finetune_many(model: RecModel, start: LayerWeights, recents: list[Samples],
     # Each device's loss is the mean over its own samples' targets, as alone.
     share = torch.from_numpy(np.concatenate([np.full(len(r), 1.0 / r.labels.size, np.float32) for r in recents]))
     labels = torch.from_numpy(batch.labels)
-    with torch.no_grad():
+    with torch.no_grad():  # the static layers' part, once
         features = model.backbone.features(x["history"], x["history_len"], x["targets"])
+        side = model.backbone.target_side(x["targets"])
 
     def loss_of(layers: LayerWeights) -> torch.Tensor:
-        logits = model.apply_head(features, x["targets"], layers, layout)
+        logits = model.apply_head(features, x["targets"], layers, layout, side)
         return (F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1) * share).sum()
 
     return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))

@@ -57,9 +57,14 @@ class Backbone(nn.Module):
         """Input of the dynamic layers: ``(B, F)`` or ``(B, K, F)``."""
         raise NotImplementedError
 
-    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
-        """Logits ``(B, K)`` from the dynamic layers' output."""
+    def readout(self, out: Tensor, targets: Tensor, side: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K)`` from the dynamic layers' output; ``side``: `target_side` of the targets, if
+        already computed (fine-tuning reads out the same targets at every step)."""
         raise NotImplementedError
+
+    def target_side(self, targets: Tensor) -> Tensor | None:
+        """What the readout computes from the targets alone (static layers), or None."""
+        return None
 
     def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
         """``(B, dim)`` summary of the real-time clicks, the generator's input."""
@@ -82,9 +87,12 @@ class _TowerScored(Backbone):
     def features(self, history: Tensor, history_len: Tensor, targets: Tensor) -> Tensor:
         return self.encode(history, history_len)
 
-    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
-        tower = self.target_tower(self.item_emb(targets))
+    def readout(self, out: Tensor, targets: Tensor, side: Tensor | None = None) -> Tensor:
+        tower = self.target_side(targets) if side is None else side
         return torch.einsum("bd,bkd->bk", out, tower)
+
+    def target_side(self, targets: Tensor) -> Tensor:
+        return self.target_tower(self.item_emb(targets))
 
     def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
         return self.encode(realtime, realtime_len)
@@ -143,7 +151,7 @@ class DIN(Backbone):
         pooled = torch.einsum("bkl,bld->bkd", weight, hist)
         return torch.cat([pooled, target], dim=-1)
 
-    def readout(self, out: Tensor, targets: Tensor) -> Tensor:
+    def readout(self, out: Tensor, targets: Tensor, side: Tensor | None = None) -> Tensor:
         return out.squeeze(-1)
 
     def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:

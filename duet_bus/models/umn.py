@@ -86,11 +86,10 @@ class RecModel(nn.Module):
         return self.apply_head(self.backbone.features(history, history_len, targets), targets, weights, layout)
 
     def apply_head(self, features: Tensor, targets: Tensor, weights: LayerWeights,
-                   layout: SessionLayout | None = None) -> Tensor:
-        """`score` from the backbone's features."""
-        if layout is None:
-            return self.backbone.readout(apply_dynamic(features, weights), targets)
-        return self.backbone.readout(apply_by_session(features, weights, layout), targets)
+                   layout: SessionLayout | None = None, side: Tensor | None = None) -> Tensor:
+        """`score` from the backbone's features (and the targets' `Backbone.target_side`, if computed)."""
+        out = apply_dynamic(features, weights) if layout is None else apply_by_session(features, weights, layout)
+        return self.backbone.readout(out, targets, side)
 
     def forward(
         self, history: Tensor, history_len: Tensor, realtime: Tensor, realtime_len: Tensor, targets: Tensor,
