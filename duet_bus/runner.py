@@ -175,10 +175,31 @@ def choose_users(scenario: Scenario, prepared: Any, rng: np.random.Generator) ->
     return pool[np.arange(scenario.device_count) % len(pool)]
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Which of a run's devices this process simulates: device ``i`` belongs to shard ``i % count``.
+
+    Its fleet takes replies on partition ``index`` of the weights topic; ``run_id`` is shared by all
+    the run's shards (session ids on the wire, the records they publish). ``cloud``: whether this process
+    runs the run's cloud workers (one process does; the shards of `duet run --shards` do not).
+    """
+
+    index: int = 0
+    count: int = 1
+    run_id: str = ""
+    cloud: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.index < self.count:
+            raise ConfigError(f"--shard: must be k/N with 0 <= k < N, got {self.index}/{self.count}")
+
+
 class Runner:
     def __init__(self, scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], bus,
-                 topics: Topics | None = None, on_step: Callable[[RunState], None] | None = None) -> None:
+                 topics: Topics | None = None, on_step: Callable[[RunState], None] | None = None,
+                 shard: Shard | None = None) -> None:
         self.scenario = scenario
+        self.shard = shard or Shard()
         self.prepared = prepared
         self.checkpoints = checkpoints
         self.bus = bus
@@ -192,15 +213,23 @@ class Runner:
         self.task = task_named(scenario.task)
         users = choose_users(scenario, prepared, self._rng(0))
         self.recent = scenario.finetune_recent if "finetune" in scenario.methods else 0
-        self.devices = [self.task.device_stream(i, prepared, int(u)) for i, u in enumerate(users)]
+        # Everything drawn per device is drawn for all of the run's devices, so a shard's devices are
+        # exactly those of the one-process run.
+        self.device_total = len(users)
+        k, n = self.shard.index, self.shard.count
+        self.devices = [self.task.device_stream(i, prepared, int(users[i])) for i in range(k, len(users), n)]
         names = list(scenario.network_mix)
         shares = np.array([scenario.network_mix[n] for n in names])
-        picks = self._rng(1).choice(len(names), size=len(self.devices), p=shares / shares.sum())
+        picks = self._rng(1).choice(len(names), size=len(users), p=shares / shares.sum())
         self.profile: dict[str, NetworkProfile] = {
-            d.device_id: scenario.profiles[names[k]] for d, k in zip(self.devices, picks)}
+            d.device_id: scenario.profiles[names[picks[d.index]]] for d in self.devices}
         self.shifts = [SHIFTS[s.kind](prepared, s.params) for s in scenario.shifts]
-        self._first_time = min((d.next_time() for d in self.devices if not d.exhausted), default=0) \
-            if scenario.arrivals == "replay" else 0
+        if scenario.arrivals == "replay":  # the first session of any of the run's devices starts at 0
+            every = self.devices if n == 1 else (self.task.device_stream(i, prepared, int(u))
+                                                 for i, u in enumerate(users))
+            self._first_time = min((d.next_time() for d in every if not d.exhausted), default=0)
+        else:
+            self._first_time = 0
         self.finetune = FinetuneConfig(steps=scenario.finetune_steps, lr=scenario.finetune_lr,
                                        recent=scenario.finetune_recent)
 
@@ -243,15 +272,15 @@ class Runner:
     def _shift(self, index: int):
         spec = self.scenario.shifts[index]
         yield self.env.timeout(spec.at_s)
-        rng = self._rng(3, index)
         if spec.devices is not None:
             wanted = set(spec.devices)
             chosen = [d for d in self.devices if d.home_id in wanted]
         else:
-            count = max(1, round(spec.fraction * len(self.devices)))
-            chosen = [self.devices[i] for i in sorted(rng.choice(len(self.devices), count, replace=False))]
-        for device in chosen:
-            self.shifts[index].apply(device, rng)
+            count = max(1, round(spec.fraction * self.device_total))
+            picked = set(self._rng(3, index).choice(self.device_total, count, replace=False).tolist())
+            chosen = [d for d in self.devices if d.index in picked]
+        for device in chosen:  # each device's own randomness: the same in whichever shard it runs
+            self.shifts[index].apply(device, self._rng(3, index, device.index))
         self.state.shifts.append(ShiftEvent(spec.label, spec.kind, spec.at_s, [d.device_id for d in chosen]))
         self.state.shifted = {d.device_id for d in chosen}
         for totals in self.state.totals.values():
@@ -351,12 +380,10 @@ class Runner:
         s = self.scenario
         bus = self.bus
         await bus.ensure_topics(self.topics.all())
-        versions = {m: c for m, c in self.checkpoints.items() if m not in LOCAL_METHODS}
-        services = [GeneratorService(bus, list(versions.values()), CloudConfig(
-            group_id=f"duet-run-{s.name}", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms,
-            weight_encoding=s.weight_encoding, topics=self.topics)) for _ in range(s.workers)]
+        services = cloud_workers(s, bus, self.checkpoints, self.topics) if self.shard.cloud else []
         fleet = Fleet(bus, FleetConfig(fleet_id=f"run-{s.name}", deadline_s=s.deadline_s, topics=self.topics,
-                                       finetune=self.finetune, upload=s.upload, timing_share=s.timing_share))
+                                       finetune=self.finetune, upload=s.upload, timing_share=s.timing_share,
+                                       reply_partition=self.shard.index, run_id=self.shard.run_id))
         stop = asyncio.Event()
         tasks = []
         self.state.cloud, self.state.fleet = services, fleet
@@ -365,7 +392,8 @@ class Runner:
                 await service.start()
                 tasks.append(asyncio.create_task(service.run(stop)))
             await fleet.start()
-            await self._cloud_ready(services)
+            if services:
+                await cloud_ready(services, self.topics)
             for i in range(len(s.shifts)):
                 self.env.process(self._shift(i))
             self.state.devices_active = len(self.devices)
@@ -389,16 +417,6 @@ class Runner:
             self._tick(min(self.env.now, s.duration_s) if not self.state.finished else s.duration_s)
         return self.state
 
-    async def _cloud_ready(self, services: list[GeneratorService], timeout_s: float = 30.0) -> None:
-        """Wait until the workers' group owns every session partition: no session waits for a rebalance."""
-        wanted = {(self.topics.sessions, p) for p in range(self.topics.session_partitions)}
-        deadline = time.monotonic() + timeout_s
-        while set().union(*(svc.consumer.assignment() for svc in services)) != wanted:
-            if time.monotonic() > deadline:
-                raise BrokerError(f"the cloud workers were not assigned the {self.topics.sessions} partitions "
-                                  f"within {timeout_s:.0f} s")
-            await asyncio.sleep(0.05)
-
     async def _loop(self) -> None:
         env, duration = self.env, self.scenario.duration_s
         while env.peek() < duration:
@@ -417,6 +435,25 @@ class Runner:
         self.state.wall_s = time.perf_counter() - self.state.wall_start
         if self.on_step is not None:
             self.on_step(self.state)
+
+
+def cloud_workers(scenario: Scenario, bus, checkpoints: dict[str, Checkpoint], topics: Topics) -> list[GeneratorService]:
+    """The run's cloud: ``cloud.workers`` generator services in one consumer group, serving its DUET models."""
+    versions = [c for m, c in checkpoints.items() if m not in LOCAL_METHODS]
+    return [GeneratorService(bus, versions, CloudConfig(
+        group_id=f"duet-run-{scenario.name}", max_batch=scenario.max_batch, max_wait_ms=scenario.max_wait_ms,
+        weight_encoding=scenario.weight_encoding, topics=topics)) for _ in range(scenario.workers)]
+
+
+async def cloud_ready(services: list[GeneratorService], topics: Topics, timeout_s: float = 30.0) -> None:
+    """Wait until the workers' group owns every session partition: no session waits for a rebalance."""
+    wanted = {(topics.sessions, p) for p in range(topics.session_partitions)}
+    deadline = time.monotonic() + timeout_s
+    while set().union(*(svc.consumer.assignment() for svc in services)) != wanted:
+        if time.monotonic() > deadline:
+            raise BrokerError(f"the cloud workers were not assigned the {topics.sessions} partitions "
+                              f"within {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)
 
 
 # -- a whole run ------------------------------------------------------------------------------------
