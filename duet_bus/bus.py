@@ -251,14 +251,16 @@ class KafkaBus:
     def group_consumer(self, topics: list[str], group_id: str) -> Consumer:
         return _KafkaConsumer(self, topics=topics, group_id=group_id)
 
-    def partition_consumer(self, topic: str, partition: int) -> Consumer:
-        return _KafkaConsumer(self, assign=[TopicPartition(topic, partition)])
+    def partition_consumer(self, topic: str, partition: int, from_start: bool = False) -> Consumer:
+        """A consumer of one partition from its end (what arrives from now on), or ``from_start``."""
+        return _KafkaConsumer(self, assign=[TopicPartition(topic, partition)], from_start=from_start)
 
 
 class _KafkaConsumer(Consumer):
     def __init__(self, bus: KafkaBus, topics: list[str] | None = None, group_id: str | None = None,
-                 assign: list[TopicPartition] | None = None) -> None:
+                 assign: list[TopicPartition] | None = None, from_start: bool = False) -> None:
         self._assign = assign
+        self._from_start = from_start
         self._topics = topics or []
         # "earliest" also for a partition consumer: it starts at the end (seek_to_end),
         # and if its position ever falls off the log (a broker that lost its data
@@ -280,7 +282,10 @@ class _KafkaConsumer(Consumer):
                 raise
         if self._assign:
             self._consumer.assign(self._assign)
-            await self._consumer.seek_to_end(*self._assign)
+            if self._from_start:
+                await self._consumer.seek_to_beginning(*self._assign)
+            else:
+                await self._consumer.seek_to_end(*self._assign)
         else:
             self._consumer.subscribe(self._topics)
 
@@ -434,8 +439,8 @@ class MemoryBus:
     def group_consumer(self, topics: list[str], group_id: str) -> Consumer:
         return _MemoryConsumer(self, topics, group_id)
 
-    def partition_consumer(self, topic: str, partition: int) -> Consumer:
-        return _MemoryConsumer(self, [topic], None, fixed=(topic, partition))
+    def partition_consumer(self, topic: str, partition: int, from_start: bool = False) -> Consumer:
+        return _MemoryConsumer(self, [topic], None, fixed=(topic, partition), from_start=from_start)
 
     async def _wait(self, timeout_ms: int) -> None:
         # Not asyncio.wait_for: before Python 3.12 it can swallow a cancellation
@@ -450,13 +455,15 @@ class MemoryBus:
 
 class _MemoryConsumer(Consumer):
     def __init__(self, bus: MemoryBus, topics: list[str], group_id: str | None,
-                 fixed: tuple[str, int] | None = None) -> None:
+                 fixed: tuple[str, int] | None = None, from_start: bool = False) -> None:
         self.bus, self.topics, self.group_id, self.fixed = bus, topics, group_id, fixed
+        self.from_start = from_start
         self.positions: dict[tuple[str, int], int] = {}
 
     async def start(self) -> None:
         if self.fixed:
-            self.positions[self.fixed] = self.bus.topics[self.fixed[0]][self.fixed[1]].end()
+            log = self.bus.topics[self.fixed[0]][self.fixed[1]]
+            self.positions[self.fixed] = log.base if self.from_start else log.end()
         else:
             self.bus.groups[self.group_id].members.append(self)
 

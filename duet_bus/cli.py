@@ -355,10 +355,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.seeds > 1 and scenario.checkpoints:
             raise ConfigError("--seeds: the scenario names model.checkpoints; each seed trains its own models")
         scenario = replace(scenario, seeds=tuple(range(scenario.seed, scenario.seed + args.seeds)))
+    several = [flag for flag, on in (("--seeds", len(scenario.seeds) > 1), ("--shards", (args.shards or 1) > 1),
+                                     ("--shard", bool(args.shard)), ("--collect", bool(args.collect))) if on]
+    if len(several) > 1:
+        raise ConfigError(f"{' and '.join(several)}: one at a time")
+    if args.collect:
+        return _collect(scenario, args)
     if len(scenario.seeds) > 1:
         return _run_seeds(scenario)
     if scenario.seeds[0] != scenario.seed:
         scenario = replace(scenario, seed=scenario.seeds[0])
+    if args.shard or (args.shards or 1) > 1:
+        return _run_shards(scenario, args)
     live = scenario.dashboard and not args.no_dashboard and console.is_terminal
     console.print(f"scenario {scenario.name} ({args.file}): preparing data and checkpoints")
     prepared = prepare_data(scenario)
@@ -375,6 +383,49 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"report: {out}/results.json, {out}/sessions.csv, plots: "
                   f"{', '.join(sorted(p.name for p in out.glob('*.png')))}")
     return 130 if doc["run"]["interrupted"] else 0
+
+
+def _run_shards(scenario, args: argparse.Namespace) -> int:
+    """`duet run --shards N` (the devices over N processes of this host) or `--shard k/N` (one of them)."""
+    from duet_bus.report import run_table
+    from duet_bus.runner import load_checkpoints, prepare_data
+    from duet_bus.shards import parse_shard, run_shard, run_sharded
+    from duet_bus.train import progress_bar
+
+    shard = parse_shard(args.shard, args.run_id) if args.shard else None
+    if args.shards is not None and args.shards < 1:
+        raise ConfigError(f"--shards: must be a positive number of processes, got {args.shards}")
+    prepared = prepare_data(scenario)
+    with progress_bar() as progress:
+        checkpoints = load_checkpoints(scenario, prepared, progress)
+    if shard is not None:
+        state = run_shard(scenario, prepared, checkpoints, shard)
+        console.print(f"shard {shard.index}/{shard.count} of run {shard.run_id}: {state.sessions} sessions in "
+                      f"{state.wall_s:.1f} s, records published on the reports topic")
+        return 130 if state.interrupted else 0
+    child = ["run", args.file, *(a for item in args.set or () for a in ("--set", item))]
+    if args.output:
+        child += ["--output", args.output]
+    console.print(f"scenario {scenario.name}: {args.shards} shards of {scenario.device_count} devices")
+    doc, out = run_sharded(scenario, checkpoints, args.shards, child, echo=console.print)
+    console.print(run_table(doc))
+    console.print(f"report: {out}/results.json, {out}/sessions.csv, plots: "
+                  f"{', '.join(sorted(p.name for p in out.glob('*.png')))}")
+    return 130 if doc["run"]["interrupted"] else 0
+
+
+def _collect(scenario, args: argparse.Namespace) -> int:
+    """`duet run --collect N --run-id R`: the report of a run whose N shards ran elsewhere."""
+    from duet_bus.report import run_table
+    from duet_bus.shards import collect_run
+
+    if not args.run_id:
+        raise ConfigError("--collect: needs --run-id, the one its shards were given")
+    console.print(f"collecting run {args.run_id} ({args.collect} shards) from {scenario.bootstrap}")
+    doc, out = collect_run(scenario, args.collect, args.run_id)
+    console.print(run_table(doc))
+    console.print(f"report: {out}/results.json, {out}/sessions.csv")
+    return 0
 
 
 def _run_seeds(scenario) -> int:
@@ -454,6 +505,13 @@ def build_parser() -> argparse.ArgumentParser:
                                              "(training included, cached); report mean ± std over seeds")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting of the file, e.g. --set model.backbone=din (repeatable)")
+    p.add_argument("--shards", type=int, help="split the devices over this many runner processes of this host, "
+                                              "served by one cloud and reported as one run")
+    p.add_argument("--shard", metavar="K/N", help="run shard K of N against the cluster in bus.bootstrap "
+                                                  "(one per host; the cloud: `duet cloud` workers)")
+    p.add_argument("--run-id", help="with --shard and --collect: the run's id, the same for all its shards")
+    p.add_argument("--collect", type=int, metavar="N", help="write the report of run --run-id from its N "
+                                                            "shards' records on the cluster's reports topic")
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
     p.set_defaults(func=cmd_run)
 

@@ -162,7 +162,29 @@ class ModelInfo:
     TYPE = "model_info"
 
 
-Event = SessionStart | WeightsReady | SessionReport | DeadLetter | ModelInfo
+@dataclass
+class ShardRecords:
+    """Runner shard -> reports topic: a part of one shard's session records (`duet run --shards`).
+
+    The shards of a run each simulate their own devices; whoever writes the run's report collects
+    every shard's parts by ``run_id`` and writes one report, as one process would. A row is a
+    ``sessions.csv`` row (column -> str, number or bool); a shard's last part has ``done`` set and
+    carries its ``run`` figures (maps of numbers) and its ``shifts`` (label, kind, at_s and the
+    shard's shifted devices).
+    """
+
+    run_id: str
+    shard: int
+    shards: int
+    part: int
+    rows: list[dict]
+    done: bool
+    run: dict = field(default_factory=dict)
+    shifts: list[dict] = field(default_factory=list)
+    TYPE = "shard_records"
+
+
+Event = SessionStart | WeightsReady | SessionReport | DeadLetter | ModelInfo | ShardRecords
 
 
 def encode(event: Event, weight_encoding: str | None = None) -> bytes:
@@ -393,12 +415,52 @@ def _model_info(f: _Fields) -> ModelInfo:
     )
 
 
+_SCALARS = (str, int, float, bool)
+
+
+def _plain(name: str, value: Any, depth: int = 0) -> None:
+    """``value`` holds only maps with string keys, arrays and scalars (what a shard's figures hold)."""
+    if depth > 8:
+        raise ProtocolError(name, "nested too deep")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ProtocolError(name, f"keys must be strings, got {_kind(key)}")
+            _plain(f"{name}.{key}", item, depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _plain(f"{name}[{i}]", item, depth + 1)
+    elif value is not None and not isinstance(value, _SCALARS):
+        raise ProtocolError(name, f"expected a map, array, str, number or bool, got {_kind(value)}")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ProtocolError(name, f"must be finite, got {value}")
+
+
+def _shard_records(f: _Fields) -> ShardRecords:
+    shards, shard = f.count("shards"), f.count("shard")
+    if not shard < shards:
+        raise ProtocolError("shard", f"must be in 0..{shards - 1} (shards {shards}), got {shard}")
+    rows = f.get("rows", list)
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(isinstance(k, str) and isinstance(v, _SCALARS)
+                                                for k, v in row.items()):
+            raise ProtocolError(f"rows[{i}]", "expected a map of column names to a str, number or bool")
+    run, shifts = f.get("run", dict), f.get("shifts", list)
+    _plain("run", run)
+    _plain("shifts", shifts)
+    if not all(isinstance(s, dict) for s in shifts):
+        raise ProtocolError("shifts", "expected an array of maps")
+    return ShardRecords(run_id=f.text("run_id"), shard=shard, shards=shards, part=f.count("part"), rows=rows,
+                        done=f.get("done", bool), run=run, shifts=shifts)
+
+
 _PARSERS = {
     SessionStart.TYPE: _session_start,
     WeightsReady.TYPE: _weights_ready,
     SessionReport.TYPE: _session_report,
     DeadLetter.TYPE: _dead_letter,
     ModelInfo.TYPE: _model_info,
+    ShardRecords.TYPE: _shard_records,
 }
 
 

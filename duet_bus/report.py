@@ -235,12 +235,12 @@ def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict)
     with open(out / "sessions.csv", "w", newline="") as f:  # row by row: a big run's rows never all at once
         writer = None
         for record in records:
-            row = record.row()
+            row = record.row() if hasattr(record, "row") else record  # a runner's record, or already a row
             if writer is None:
                 writer = csv.DictWriter(f, fieldnames=list(row))
                 writer.writeheader()
             writer.writerow(row)
-    shift_dicts = [asdict(s) for s in shifts]
+    shift_dicts = [s if isinstance(s, dict) else asdict(s) for s in shifts]
     doc = summarize_run(scenario, records, shift_dicts, run)  # a record reads like a row (`record[key]`)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
     plot_run(out, doc, records)

@@ -528,11 +528,16 @@ def kafka_security(scenario: Scenario) -> Security | None:
 
 async def run_async(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], bootstrap: str | None,
                     on_step: Callable[[RunState], None] | None = None, topics: Topics | None = None,
-                    security: Security | None = None) -> RunState:
+                    security: Security | None = None, shard: Shard | None = None,
+                    then: Callable[[Any, RunState], Any] | None = None) -> RunState:
+    """One run (or one shard of it) on its bus; ``then(bus, state)`` is awaited on the same bus after it."""
     bus = MemoryBus(RUN_RETENTION) if scenario.bus_kind == "memory" else KafkaBus(bootstrap, security=security)
     await bus.start()
     try:
-        return await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step).run()
+        state = await Runner(scenario, prepared, checkpoints, bus, topics=topics, on_step=on_step, shard=shard).run()
+        if then is not None:
+            await then(bus, state)
+        return state
     finally:
         await bus.stop()
 
@@ -568,20 +573,28 @@ def run_scenario(scenario: Scenario, prepared: Any, checkpoints: dict[str, Check
         if broker is not None:
             broker.stop()
     out = Path(scenario.output)
-    run = {"virtual_s": state.now_s, "wall_s": state.wall_s, "speedup": state.now_s / max(state.wall_s, 1e-9),
-           "sessions": state.sessions, "finished": state.finished, "interrupted": state.interrupted,
-           "checkpoints": {m: c.model_version for m, c in checkpoints.items()},
-           "cloud": {"workers": len(state.cloud), "served": sum(c.stats.served for c in state.cloud),
-                     "batches": sum(c.stats.batches for c in state.cloud),
-                     "dead_letters": sum(c.stats.dead_letters for c in state.cloud),
-                     "internal_errors": sum(c.stats.internal_errors for c in state.cloud),
-                     "delivery_retries": sum(c.stats.delivery_retries for c in state.cloud)},
-           "over_the_bus": {"started": state.cloud_started, "answered": state.cloud_answered,
-                            "fell_back": state.cloud_fell_back,
-                            "lost": state.cloud_started - state.cloud_answered - state.cloud_fell_back},
-           "fleet": asdict(state.fleet.stats) if state.fleet else {}}
-    doc = write_run(out, scenario_doc(scenario), state.records, state.shifts, run)
+    doc = write_run(out, scenario_doc(scenario), state.records, state.shifts, run_figures(state, checkpoints))
     return doc, out
+
+
+def run_figures(state: RunState, checkpoints: dict[str, Checkpoint]) -> dict:
+    """A run's ``run`` section of ``results.json``: time, sessions, the cloud and the bus, the fleet."""
+    return {"virtual_s": state.now_s, "wall_s": state.wall_s, "speedup": state.now_s / max(state.wall_s, 1e-9),
+            "sessions": state.sessions, "finished": state.finished, "interrupted": state.interrupted,
+            "checkpoints": {m: c.model_version for m, c in checkpoints.items()},
+            "cloud": cloud_figures(state.cloud),
+            "over_the_bus": {"started": state.cloud_started, "answered": state.cloud_answered,
+                             "fell_back": state.cloud_fell_back,
+                             "lost": state.cloud_started - state.cloud_answered - state.cloud_fell_back},
+            "fleet": asdict(state.fleet.stats) if state.fleet else {}}
+
+
+def cloud_figures(services: list[GeneratorService]) -> dict:
+    return {"workers": len(services), "served": sum(c.stats.served for c in services),
+            "batches": sum(c.stats.batches for c in services),
+            "dead_letters": sum(c.stats.dead_letters for c in services),
+            "internal_errors": sum(c.stats.internal_errors for c in services),
+            "delivery_retries": sum(c.stats.delivery_retries for c in services)}
 
 
 def run_seeds(scenario: Scenario, on_step: Callable[[RunState], None] | None = None,

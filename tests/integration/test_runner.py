@@ -198,3 +198,40 @@ def test_seeds_in_the_scenario_file_and_their_errors(scenario_file):
     doc["model"]["checkpoints"] = {"base": str(scenario_file)}  # any existing file: the check is first
     with pytest.raises(ScenarioError, match="model.checkpoints: cannot be combined with several seeds"):
         parse_scenario({**doc, "seeds": [1, 2]})
+
+
+def test_two_shards_give_the_one_process_run(scenario_file, kafka_bootstrap, capsys):
+    """`duet run --shards 2`: two runner processes, one cloud, one report with the same sessions and the
+    same per-session metrics as one process (delays are measured and differ), the shift's devices from
+    both shards, and the shards' records met on the reports topic."""
+    from duet_bus.cli import main
+
+    _, single = run(scenario_file, "one-process", kafka_bootstrap)
+    out = single.parent / "two-shards"
+    code = main(["run", str(scenario_file), "--shards", "2", "--output", str(out), "--no-dashboard",
+                 "--set", f"bus.bootstrap={kafka_bootstrap}"])
+    assert code == 0
+    a, b = _by_session(single), _by_session(out)
+    assert list(a) == list(b) and len(a) > 100  # same sessions, in the same order
+    for key, row in a.items():
+        for column in ("auc", "ndcg10", "hr10", "logloss", "start_s", "user", "profile", "fallback"):
+            assert b[key][column] == row[column] or float(b[key][column]) == pytest.approx(float(row[column]),
+                                                                                          abs=1e-6), (key, column)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (single, out))
+    assert [s["devices"] for s in one["shifts"]] == [s["devices"] for s in two["shifts"]]
+    assert [s["shard"] for s in two["run"]["shards"]] == [0, 1]
+    assert sum(s["sessions"] for s in two["run"]["shards"]) == two["run"]["sessions"] == one["run"]["sessions"]
+    assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] > 0
+    assert "2 shards started" in capsys.readouterr().out
+
+
+def test_shard_flags_are_checked(scenario_file, capsys):
+    from duet_bus.cli import main
+
+    for args, message in ((["--shard", "2/2", "--run-id", "x"], "--shard: must be k/N with 0 <= k < N"),
+                          (["--shard", "0/2"], "--shard: needs --run-id"),
+                          (["--shard", "0/2", "--run-id", "x"], "--shard: shards meet on a Kafka cluster"),
+                          (["--shards", "2", "--seeds", "2"], "--seeds and --shards: one at a time"),
+                          (["--collect", "2"], "--collect: needs --run-id")):
+        assert main(["run", str(scenario_file), *args]) == 2
+        assert message in capsys.readouterr().err, args

@@ -1,0 +1,261 @@
+"""One run over several runner processes (and hosts), meeting on Kafka.
+
+A run's devices are split over ``N`` shards (device ``i`` in shard ``i % N``,
+`runner.Shard`); everything drawn per device is drawn for all of the run's
+devices and per device (arrivals, profiles, shift choices and their
+randomness), so a shard simulates exactly its devices of the one-process run.
+Each shard's fleet takes its replies on its own partition of the weights
+topic; one consumer group of cloud workers serves them all. When a shard is
+done it publishes its session records on the reports topic (`ShardRecords`,
+in parts) and whoever writes the report collects every shard's by run id and
+writes one report, as one process would: the same sessions with the same
+metrics (delays are measured, so they differ).
+
+- `run_sharded` (`duet run --shards N`, one host): the broker (embedded
+  unless the scenario names a cluster), the run's cloud workers and the
+  collector in this process, the shards as child processes.
+- `run_shard` (`duet run --shard k/N --run-id R`, one per host): one shard
+  against a shared cluster; the cloud is `duet cloud` workers serving the
+  same checkpoint files (give them in `model.checkpoints`).
+- `collect_run` (`duet run --collect N --run-id R`): the report of a run whose
+  shards ran elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from duet_bus import protocol
+from duet_bus.broker import BrokerError, EmbeddedBroker
+from duet_bus.bus import KafkaBus, Topics
+from duet_bus.checkpoint import Checkpoint
+from duet_bus.errors import ConfigError, DuetError
+from duet_bus.protocol import ProtocolError, ShardRecords
+from duet_bus.report import write_run
+from duet_bus.runner import (RunState, Shard, cloud_figures, cloud_ready, cloud_workers, kafka_security, run_async,
+                             run_figures, scenario_doc)
+from duet_bus.scenario import Scenario
+
+log = logging.getLogger("duet.shards")
+ROWS_PER_PART = 1000
+
+
+def shard_topics(count: int) -> Topics:
+    """The run's topics: a reply partition for each shard."""
+    return Topics(weight_partitions=max(Topics.weight_partitions, count))
+
+
+def parse_shard(text: str, run_id: str | None) -> Shard:
+    """``k/N`` (``--shard``) -> a `Shard` that leaves the cloud to others."""
+    index, sep, count = text.partition("/")
+    if not sep or not index.isdigit() or not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--shard: must be k/N with 0 <= k < N, got {text!r}")
+    if not run_id:
+        raise ConfigError("--shard: needs --run-id, the same for every shard of the run (and for --collect)")
+    return Shard(int(index), int(count), run_id, cloud=False)
+
+
+async def publish_records(bus, topics: Topics, shard: Shard, state: RunState, run: dict) -> None:
+    """A shard's records on the reports topic, in parts; its last part carries its figures and shifts."""
+    rows = [record.row() for record in state.records]
+    parts = [rows[i: i + ROWS_PER_PART] for i in range(0, len(rows), ROWS_PER_PART)] or [[]]
+    shifts = [asdict(event) for event in state.shifts]
+    for n, part in enumerate(parts):
+        done = n == len(parts) - 1
+        message = ShardRecords(run_id=shard.run_id, shard=shard.index, shards=shard.count, part=n, rows=part,
+                               done=done, run=run if done else {}, shifts=shifts if done else [])
+        await bus.send(topics.reports, protocol.encode(message), key=shard.run_id.encode(), partition=0)
+
+
+async def collect_records(consumer, run_id: str, count: int, timeout_s: float,
+                          running: list[asyncio.Task] | None = None) -> list[ShardRecords]:
+    """Every part of every shard of run ``run_id`` from the reports topic, shard by shard, part by part.
+
+    Stops with an error when ``timeout_s`` passes first, or when a shard process in ``running`` ends
+    without having published its last part.
+    """
+    parts: dict[int, dict[int, ShardRecords]] = {k: {} for k in range(count)}
+    last: dict[int, int] = {}
+    deadline = time.monotonic() + timeout_s
+    while any(k not in last or len(parts[k]) < last[k] + 1 for k in range(count)):
+        missing = [k for k in range(count) if k not in last]
+        if time.monotonic() > deadline:
+            raise BrokerError(f"run {run_id}: shard(s) {missing or 'all'} did not publish all their records "
+                              f"within {timeout_s:.0f} s")
+        for task in running or ():
+            if task.done() and task.result() != 0:
+                raise DuetError(f"run {run_id}: a shard process failed (exit code {task.result()}); see above")
+        for record in await consumer.getmany(timeout_ms=200, max_records=100):
+            try:
+                message = protocol.decode(record.value)
+            except ProtocolError:
+                continue  # not ours to judge: session reports of other runs, anything
+            if not isinstance(message, ShardRecords) or message.run_id != run_id:
+                continue
+            if message.shards != count:
+                raise DuetError(f"run {run_id}: shard {message.shard} says the run has {message.shards} shards, "
+                                f"this collector waits for {count}")
+            parts[message.shard][message.part] = message
+            if message.done:
+                last[message.shard] = message.part
+    return [parts[k][n] for k in range(count) for n in range(last[k] + 1)]
+
+
+def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
+          cloud: dict | None = None) -> tuple[list[dict], list[dict], dict]:
+    """The shards' rows in the one-process order (by start, device, method), their shifts with every
+    shard's devices, and the run's figures."""
+    order = {m: i for i, m in enumerate(scenario.methods)}
+    rows = [row for m in messages for row in m.rows]
+    rows.sort(key=lambda r: (r["start_s"], int(r["device_id"].split("-")[0][1:]), order[r["method"]]))
+    done = [m for m in messages if m.done]
+    shifts = [dict(event, devices=sorted((d for m in done for d in m.shifts[i]["devices"]),
+                                         key=lambda d: int(d.split("-")[0][1:])))
+              for i, event in enumerate(done[0].shifts)]
+    runs = [m.run for m in done]
+
+    def total(*path: str) -> Any:
+        values = []
+        for run in runs:
+            for key in path:
+                run = run.get(key, {})
+            values.append(run)
+        return sum(v for v in values if isinstance(v, (int, float)))
+
+    virtual = max(run["virtual_s"] for run in runs)
+    figures = {
+        "virtual_s": virtual, "wall_s": wall_s, "speedup": virtual / max(wall_s, 1e-9),
+        "sessions": total("sessions"), "finished": all(run["finished"] for run in runs),
+        "interrupted": any(run["interrupted"] for run in runs), "checkpoints": runs[0]["checkpoints"],
+        "cloud": cloud if cloud is not None else {"workers": "elsewhere (duet cloud)"},
+        "over_the_bus": {k: total("over_the_bus", k) for k in runs[0]["over_the_bus"]},
+        "fleet": {k: total("fleet", k) for k in runs[0]["fleet"]},
+        "shards": [{"shard": m.shard, "sessions": m.run["sessions"], "wall_s": m.run["wall_s"]} for m in done],
+    }
+    return rows, shifts, figures
+
+
+def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard) -> RunState:
+    """One shard of a run: its devices against the scenario's cluster; its records go to the reports topic."""
+    if scenario.bus_kind != "kafka" or not scenario.bootstrap:
+        raise ConfigError("--shard: shards meet on a Kafka cluster: give bus.bootstrap (e.g. --set "
+                          "bus.bootstrap=host:9092)")
+    topics = shard_topics(shard.count)
+
+    async def publish(bus, state: RunState) -> None:
+        await publish_records(bus, topics, shard, state, run_figures(state, checkpoints))
+
+    return asyncio.run(run_async(scenario, prepared, checkpoints, scenario.bootstrap, topics=topics,
+                                 security=kafka_security(scenario), shard=shard, then=publish))
+
+
+def collect_run(scenario: Scenario, count: int, run_id: str, timeout_s: float = 3600.0) -> tuple[dict, Path]:
+    """The report of run ``run_id`` whose ``count`` shards run elsewhere: read from the start of the reports
+    topic until every shard has published, then written as one run's."""
+    if not scenario.bootstrap:
+        raise ConfigError("--collect: reads the run's records from its Kafka cluster: give bus.bootstrap")
+
+    async def collect() -> list[ShardRecords]:
+        bus = KafkaBus(scenario.bootstrap, security=kafka_security(scenario))
+        await bus.start()
+        try:
+            consumer = bus.partition_consumer(shard_topics(count).reports, 0, from_start=True)
+            await consumer.start()
+            try:
+                return await collect_records(consumer, run_id, count, timeout_s)
+            finally:
+                await consumer.stop()
+        finally:
+            await bus.stop()
+
+    start = time.perf_counter()
+    messages = asyncio.run(collect())
+    rows, shifts, figures = merge(scenario, messages, time.perf_counter() - start)
+    out = Path(scenario.output)
+    return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
+
+
+def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
+                echo=print) -> tuple[dict, Path]:
+    """`duet run FILE --shards N` on one host: this process holds the broker (unless the scenario names a
+    cluster), the cloud workers and the collector; ``count`` child processes (``duet <child_args> --shard
+    k/N``) simulate the devices. ``checkpoints`` are loaded (trained and cached) before: the shards load
+    the same files from the cache."""
+    if scenario.bus_kind != "kafka":
+        raise ConfigError("--shards: shards meet over Kafka (bus.kind: kafka)")
+    security = kafka_security(scenario)
+    broker = EmbeddedBroker() if not scenario.bootstrap else None
+    try:
+        if broker is not None:
+            broker.start()
+        bootstrap = broker.bootstrap if broker is not None else scenario.bootstrap
+        messages, wall, cloud = asyncio.run(_sharded(scenario, checkpoints, count, child_args, bootstrap,
+                                                     security, echo))
+    finally:
+        if broker is not None:
+            broker.stop()
+    rows, shifts, figures = merge(scenario, messages, wall, cloud)
+    out = Path(scenario.output)
+    return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
+
+
+async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
+                   bootstrap: str, security, echo) -> tuple[list[ShardRecords], float, dict]:
+    run_id = secrets.token_hex(4)
+    topics = shard_topics(count)
+    bus = KafkaBus(bootstrap, security=security)
+    await bus.start()
+    stop = asyncio.Event()
+    services = cloud_workers(scenario, bus, checkpoints, topics)
+    workers: list[asyncio.Task] = []
+    children: list[asyncio.Task] = []
+    try:
+        await bus.ensure_topics(topics.all())
+        collector = bus.partition_consumer(topics.reports, 0)  # from now on: before any shard can publish
+        await collector.start()
+        for service in services:
+            await service.start()
+            workers.append(asyncio.create_task(service.run(stop)))
+        await cloud_ready(services, topics)
+        start = time.perf_counter()
+        children = [asyncio.create_task(_child(child_args + ["--shard", f"{k}/{count}", "--run-id", run_id,
+                                                             "--set", f"bus.bootstrap={bootstrap}"]))
+                    for k in range(count)]
+        echo(f"run {run_id}: {count} shards started, the cloud ({len(services)} worker(s)) here")
+        messages = await collect_records(collector, run_id, count, timeout_s=24 * 3600, running=children)
+        wall = time.perf_counter() - start
+        await asyncio.gather(*children)
+        await collector.stop()
+        return messages, wall, cloud_figures(services)
+    finally:
+        for task in children:
+            task.cancel()
+        stop.set()
+        for task in workers:
+            try:
+                await asyncio.wait_for(task, 10)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                task.cancel()
+        for service in services:
+            await service.stop()
+        await bus.stop()
+
+
+async def _child(args: list[str]) -> int:
+    """One shard process (`duet run ... --shard k/N`); its exit code. Its progress lines are not shown."""
+    process = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet_bus.cli", *args, "--no-dashboard",
+                                                   stdout=asyncio.subprocess.DEVNULL)
+    try:
+        return await process.wait()
+    except asyncio.CancelledError:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        raise
