@@ -7,6 +7,9 @@ Prints, in one run:
   200 and 10,000 devices, with the in-process bus and over Kafka (the embedded
   broker), on the batched device side (`devices.batched`, the default) and,
   as the baseline measured in the same run, one device at a time;
+- the same scenario at 10,000 devices over Kafka in one process and split
+  over 2 runner processes (`duet run --shards 2`; the cloud and the
+  collector in the parent), wall time from start to report;
 - peak memory per simulated device at 1,000, 10,000 and 100,000 devices (15
   virtual minutes, in-process bus): the peak RSS of the run minus the peak RSS
   of the same run with one device (data, models, imports, bus and report all
@@ -14,7 +17,7 @@ Prints, in one run:
 
 Every measurement runs in a fresh child process so that peak RSS is its own.
 Checkpoints are trained once (1 epoch; accuracy is not what this measures)
-and cached in a temporary folder. Run: `make bench-runner` (about 15 minutes).
+and cached in a temporary folder. Run: `make bench-runner` (about 20 minutes).
 """
 
 from __future__ import annotations
@@ -70,6 +73,22 @@ def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def sharded(shards: int, folder: str) -> tuple[int, float]:
+    """`duet run` of the 10,000-device scenario over Kafka with ``shards`` processes: (sessions, wall s)."""
+    import yaml
+
+    doc = dict(SCENARIO, duration="15m", output=str(Path(folder) / f"shards-{shards}"))
+    doc["devices"] = {"count": 10_000}
+    path = Path(folder) / "shards.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    args = [sys.executable, "-m", "duet_bus.cli", "run", str(path), "--no-dashboard"]
+    start = time.perf_counter()
+    subprocess.run(args + (["--shards", str(shards)] if shards > 1 else []), capture_output=True, check=True)
+    wall = time.perf_counter() - start
+    result = json.loads((Path(doc["output"]) / "results.json").read_text())
+    return result["run"]["sessions"], wall
+
+
 def main() -> None:
     console = Console()
     with tempfile.TemporaryDirectory() as folder:
@@ -90,6 +109,17 @@ def main() -> None:
                                   "batched" if batched else "one at a time", f"{r['sessions']:,}",
                                   f"{r['run_wall_s']:.1f}", f"{rates[batched]:,.0f}",
                                   f"{rates[batched] / rates[False]:.1f}x")
+        console.print(table)
+
+        table = Table(title="One run over shards (10,000 devices, Kafka, 15 virtual min; wall s of the whole "
+                            "command: data, cached checkpoints, run, report)")
+        for col in ("Processes", "Sessions", "Wall s", "Sessions / s", "vs one process"):
+            table.add_column(col, justify="right")
+        walls = {}
+        for shards in (1, 2):
+            sessions, walls[shards] = sharded(shards, folder)
+            table.add_row(str(shards), f"{sessions:,}", f"{walls[shards]:.1f}", f"{sessions / walls[shards]:,.0f}",
+                          f"{walls[1] / walls[shards]:.2f}x")
         console.print(table)
 
         table = Table(title="Peak memory per simulated device (in-process bus, batched, 4 methods, 15 virtual min)")

@@ -92,15 +92,25 @@ class SessionLayout(NamedTuple):
         """Sessions of these many samples, one after the other."""
         return SessionLayout.of(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
 
+    def spread(self, features: Tensor) -> Tensor:
+        """Samples ``(N, ..., in)`` as ``(sessions, width * ..., in)``: a session's samples in its row
+        (zeros after its last), for `apply_dynamic` with one set of layers per session."""
+        grid = features.new_zeros(len(self.first), self.width, *features.shape[1:])
+        grid = grid.index_put((self.rows, self.slot), features)
+        return grid.reshape(len(self.first), -1, features.size(-1))
 
-def apply_by_session(features: Tensor, weights: LayerWeights, layout: SessionLayout) -> Tensor:
+    def gather(self, out: Tensor, sample_shape: torch.Size) -> Tensor:
+        """The inverse of `spread` for the layers' output: ``(N, ..., out)`` for samples of ``sample_shape``."""
+        return out.view(len(self.first), self.width, *sample_shape[1:-1], -1)[self.rows, self.slot]
+
+
+def apply_by_session(features: Tensor, weights: LayerWeights, layout: SessionLayout,
+                     spread: Tensor | None = None) -> Tensor:
     """`apply_dynamic` with one set of layers per session (batch axis = sessions) on samples ``(N, ..., in)``
-    laid out by ``layout``: each session's layers apply to all its samples in one product."""
-    rows, slot = layout.rows, layout.slot
-    grid = features.new_zeros(len(layout.first), layout.width, *features.shape[1:]).index_put((rows, slot), features)
-    shape = grid.shape
-    out = apply_dynamic(grid.reshape(shape[0], -1, shape[-1]), weights)
-    return out.view(*shape[:-1], -1)[rows, slot]
+    laid out by ``layout``: each session's layers apply to all its samples in one product. ``spread``:
+    ``layout.spread(features)`` if already made (fine-tuning applies new layers to the same samples)."""
+    grid = layout.spread(features) if spread is None else spread
+    return layout.gather(apply_dynamic(grid, weights), features.shape)
 
 
 def stack_layers(per_session: list[LayerWeights]) -> LayerWeights:

@@ -86,9 +86,14 @@ class RecModel(nn.Module):
         return self.apply_head(self.backbone.features(history, history_len, targets), targets, weights, layout)
 
     def apply_head(self, features: Tensor, targets: Tensor, weights: LayerWeights,
-                   layout: SessionLayout | None = None, side: Tensor | None = None) -> Tensor:
-        """`score` from the backbone's features (and the targets' `Backbone.target_side`, if computed)."""
-        out = apply_dynamic(features, weights) if layout is None else apply_by_session(features, weights, layout)
+                   layout: SessionLayout | None = None, side: Tensor | None = None,
+                   spread: Tensor | None = None) -> Tensor:
+        """`score` from the backbone's features (and, if already computed, the targets' `Backbone.target_side`
+        and the features' `SessionLayout.spread`)."""
+        if layout is None:
+            out = apply_dynamic(features, weights)
+        else:
+            out = apply_by_session(features, weights, layout, spread)
         return self.backbone.readout(out, targets, side)
 
     def forward(

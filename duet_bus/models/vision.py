@@ -177,10 +177,11 @@ class VisionModel(nn.Module):
             features = self.embed(torch.from_numpy(np.concatenate([r.images for r in recents])))
         target = torch.from_numpy(np.concatenate([r.labels for r in recents]))
         layout = SessionLayout.of_lengths([len(r) for r in recents])
+        spread = layout.spread(features)
         share = torch.cat([torch.full((len(r),), 1.0 / len(r)) for r in recents])  # each device's own mean
 
         def loss_of(layers: LayerWeights) -> Tensor:
-            logits = apply_by_session(features, layers, layout)
+            logits = apply_by_session(features, layers, layout, spread)
             return (nn.functional.cross_entropy(logits, target, reduction="none") * share).sum()
 
         return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))
