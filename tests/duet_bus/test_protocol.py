@@ -1,3 +1,5 @@
+import re
+
 import msgpack
 import numpy as np
 import pytest
@@ -229,3 +231,17 @@ def test_model_info_round_trips():
                                 "duet.sessions", ["duet.weights"], 1.0, "image_classification",
                                 {"images": [1, 28, 28], "embeddings": [576]})
     assert protocol.decode(protocol.encode(vision)) == vision
+
+
+def test_shard_records_round_trip_and_their_errors():
+    from duet_bus.protocol import ShardRecords
+
+    good = ShardRecords("run1", 1, 2, 0, [{"session_id": "s", "auc": 0.5, "fallback": False, "samples": 3}], True,
+                        {"sessions": 1, "over_the_bus": {"started": 2}}, [{"label": "h", "devices": ["d00001-u2"]}])
+    assert protocol.decode(protocol.encode(good)) == good
+    for change, field in (({"shard": 2}, "shard"), ({"rows": [{"a": [1]}]}, "rows[0]"),
+                          ({"rows": [1]}, "rows[0]"), ({"run": {"x": float("nan")}}, "run.x"),
+                          ({"shifts": [1]}, "shifts"), ({"run_id": ""}, "run_id")):
+        bad = ShardRecords(**{**good.__dict__, **change})
+        with pytest.raises(ProtocolError, match=f"^{re.escape(field)}"):
+            protocol.decode(protocol.encode(bad))
