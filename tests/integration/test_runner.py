@@ -235,3 +235,58 @@ def test_shard_flags_are_checked(scenario_file, capsys):
                           (["--collect", "2"], "--collect: needs --run-id")):
         assert main(["run", str(scenario_file), *args]) == 2
         assert message in capsys.readouterr().err, args
+
+
+def test_shards_on_several_hosts_and_a_collector(scenario_file, kafka_bootstrap):
+    """The multi-host form: `duet cloud`-like workers serving the run's checkpoints, each shard its own
+    `duet run --shard k/2 --run-id R`, then `duet run --collect 2 --run-id R` writes the one report."""
+    import asyncio
+    import threading
+    from dataclasses import replace
+
+    from cloud import CloudConfig, GeneratorService
+    from duet_bus.bus import KafkaBus
+    from duet_bus.cli import main
+    from duet_bus.shards import shard_topics
+
+    scenario = load_scenario(scenario_file)
+    scenario = replace(scenario, output=str(Path(scenario.output).parent / "hosts"), bootstrap=kafka_bootstrap)
+    prepared = prepare_data(scenario)
+    checkpoints = load_checkpoints(scenario, prepared)
+    stop, ready = threading.Event(), threading.Event()
+
+    async def cloud():
+        bus = KafkaBus(kafka_bootstrap)
+        await bus.start()
+        topics = shard_topics(2)
+        await bus.ensure_topics(topics.all())
+        service = GeneratorService(bus, [c for m, c in checkpoints.items() if m.startswith("duet")],
+                                   CloudConfig(group_id="hosts-cloud", topics=topics))
+        await service.start()
+        halt = asyncio.Event()
+        task = asyncio.create_task(service.run(halt))
+        while service.consumer.assignment() != {(topics.sessions, p) for p in range(topics.session_partitions)}:
+            await asyncio.sleep(0.05)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        halt.set()
+        await task
+        await service.stop()
+        await bus.stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(cloud(),))
+    thread.start()
+    try:
+        assert ready.wait(60)
+        common = ["--set", f"bus.bootstrap={kafka_bootstrap}", "--output", scenario.output, "--no-dashboard"]
+        for k in (0, 1):
+            assert main(["run", str(scenario_file), "--shard", f"{k}/2", "--run-id", "hosts-run", *common]) == 0
+    finally:
+        stop.set()
+        thread.join(30)
+    assert main(["run", str(scenario_file), "--collect", "2", "--run-id", "hosts-run", *common]) == 0
+    _, single = run(scenario_file, "hosts-single", kafka_bootstrap)
+    a, b = _by_session(single), _by_session(Path(scenario.output))
+    assert list(a) == list(b)
+    assert all(float(b[k]["auc"]) == pytest.approx(float(r["auc"]), abs=1e-6) for k, r in a.items())
