@@ -405,15 +405,7 @@ class Runner:
             self.state.interrupted = True
             raise
         finally:
-            stop.set()
-            for task in tasks:
-                try:
-                    await asyncio.wait_for(task, 10)
-                except (asyncio.TimeoutError, asyncio.CancelledError):
-                    task.cancel()
-            await fleet.stop()
-            for service in services:
-                await service.stop()
+            await stop_cloud(services, tasks, stop, before_services=fleet.stop)
             self._tick(min(self.env.now, s.duration_s) if not self.state.finished else s.duration_s)
         return self.state
 
@@ -443,6 +435,21 @@ def cloud_workers(scenario: Scenario, bus, checkpoints: dict[str, Checkpoint], t
     return [GeneratorService(bus, versions, CloudConfig(
         group_id=f"duet-run-{scenario.name}", max_batch=scenario.max_batch, max_wait_ms=scenario.max_wait_ms,
         weight_encoding=scenario.weight_encoding, topics=topics)) for _ in range(scenario.workers)]
+
+
+async def stop_cloud(services: list[GeneratorService], tasks: list[asyncio.Task], stop: asyncio.Event,
+                     before_services: Callable[[], Any] | None = None) -> None:
+    """Stop the workers' loops (``stop``; each gets 10 s to finish its batch), then the services."""
+    stop.set()
+    for task in tasks:
+        try:
+            await asyncio.wait_for(task, 10)
+        except (asyncio.TimeoutError, asyncio.CancelledError):
+            task.cancel()
+    if before_services is not None:
+        await before_services()
+    for service in services:
+        await service.stop()
 
 
 async def cloud_ready(services: list[GeneratorService], topics: Topics, timeout_s: float = 30.0) -> None:

@@ -40,7 +40,7 @@ from duet_bus.errors import ConfigError, DuetError
 from duet_bus.protocol import ProtocolError, ShardRecords
 from duet_bus.report import write_run
 from duet_bus.runner import (RunState, Shard, cloud_figures, cloud_ready, cloud_workers, kafka_security, run_async,
-                             run_figures, scenario_doc)
+                             run_figures, scenario_doc, stop_cloud)
 from duet_bus.scenario import Scenario
 
 log = logging.getLogger("duet.shards")
@@ -237,14 +237,7 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
     finally:
         for task in children:
             task.cancel()
-        stop.set()
-        for task in workers:
-            try:
-                await asyncio.wait_for(task, 10)
-            except (asyncio.TimeoutError, asyncio.CancelledError):
-                task.cancel()
-        for service in services:
-            await service.stop()
+        await stop_cloud(services, workers, stop)
         await bus.stop()
 
 
