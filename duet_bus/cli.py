@@ -355,6 +355,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.seeds > 1 and scenario.checkpoints:
             raise ConfigError("--seeds: the scenario names model.checkpoints; each seed trains its own models")
         scenario = replace(scenario, seeds=tuple(range(scenario.seed, scenario.seed + args.seeds)))
+    for flag, value in (("--shards", args.shards), ("--collect", args.collect)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag}: must be a positive number, got {value}")
     several = [flag for flag, on in (("--seeds", len(scenario.seeds) > 1), ("--shards", (args.shards or 1) > 1),
                                      ("--shard", bool(args.shard)), ("--collect", bool(args.collect))) if on]
     if len(several) > 1:
@@ -393,8 +396,6 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
     from duet_bus.train import progress_bar
 
     shard = parse_shard(args.shard, args.run_id) if args.shard else None
-    if args.shards is not None and args.shards < 1:
-        raise ConfigError(f"--shards: must be a positive number of processes, got {args.shards}")
     prepared = prepare_data(scenario)
     with progress_bar() as progress:
         checkpoints = load_checkpoints(scenario, prepared, progress)

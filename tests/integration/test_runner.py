@@ -232,7 +232,10 @@ def test_shard_flags_are_checked(scenario_file, capsys):
                           (["--shard", "0/2"], "--shard: needs --run-id"),
                           (["--shard", "0/2", "--run-id", "x"], "--shard: shards meet on a Kafka cluster"),
                           (["--shards", "2", "--seeds", "2"], "--seeds and --shards: one at a time"),
-                          (["--collect", "2"], "--collect: needs --run-id")):
+                          (["--collect", "2"], "--collect: needs --run-id"),
+                          (["--shards", "0"], "--shards: must be a positive number, got 0"),
+                          (["--collect", "-1", "--run-id", "x"], "--collect: must be a positive number"),
+                          (["--shard", "one/two", "--run-id", "x"], "--shard: must be k/N")):
         assert main(["run", str(scenario_file), *args]) == 2
         assert message in capsys.readouterr().err, args
 
