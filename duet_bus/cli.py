@@ -88,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from duet_bus.report import table1
 
     config = _eval_config(args)
-    doc = evaluate(config, show_progress=console.is_terminal)
+    doc = evaluate(config, show_progress=console.is_terminal, cache_dir=args.cache)
     console.print(table1(doc))
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2))
@@ -533,6 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated: base, finetune, duet_no_swa, duet (default: these four), "
                                      "duet_npK for N_p = K (the SWA sweep)")
     p.add_argument("--out", help="write the results document (JSON) here")
+    p.add_argument("--cache", help="keep each seed's results in this folder as it finishes; seeds found there "
+                                   "are read, not run again (resume a stopped run, add seeds)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train one model and save a checkpoint for the cloud service")

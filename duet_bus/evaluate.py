@@ -15,7 +15,10 @@ by SWA) and ``duet_npK`` (``N_p = K``, for the SWA sweep of Table 4).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,8 +79,13 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def evaluate(config: EvalConfig, show_progress: bool = True) -> dict:
-    """Run every method for every seed; return the results document (see README)."""
+def evaluate(config: EvalConfig, show_progress: bool = True, cache_dir: str | Path | None = None) -> dict:
+    """Run every method for every seed; return the results document (see README).
+
+    With ``cache_dir`` each seed's results are kept there as it finishes (keyed by everything that
+    shapes them but the seed list), and a seed already there is read, not run again: a long
+    evaluation can be stopped and resumed, or extended by more seeds.
+    """
     task = config.task
     results: list[tuple[int, SeedResult]] = []
     progress = progress_bar()
@@ -85,11 +93,26 @@ def evaluate(config: EvalConfig, show_progress: bool = True) -> dict:
         progress.start()
     try:
         for seed in config.seeds:
-            results.append((seed, task.run_seed(config, seed, progress)))
+            path = _seed_file(cache_dir, config, seed) if cache_dir is not None else None
+            if path is not None and path.is_file():
+                result = SeedResult(**json.loads(path.read_text()))
+            else:
+                result = task.run_seed(config, seed, progress)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.with_suffix(".tmp").write_text(json.dumps(asdict(result), default=float))
+                    path.with_suffix(".tmp").replace(path)
+            results.append((seed, result))
     finally:
         if show_progress:
             progress.stop()
     return _document(config, task, results)
+
+
+def _seed_file(cache_dir: str | Path, config: EvalConfig, seed: int) -> Path:
+    recipe = json.dumps({**asdict(config), "seeds": [seed], "training": config.task.training_version},
+                        sort_keys=True, default=str)
+    return Path(cache_dir) / f"{config.dataset}-{config.backbone}-seed{seed}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.json"
 
 
 def _document(config: EvalConfig, task, results: list[tuple[int, SeedResult]]) -> dict:

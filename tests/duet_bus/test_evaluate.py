@@ -57,3 +57,26 @@ def test_flops_count_the_transformer_layer(tiny):
     sasrec = device_cost(build_model(ModelConfig(backbone="sasrec"), tiny.n_items, 5), tiny)
     # One layer over 5 positions: q/k/v/out projections alone are 5 * 4 * 32 * 32 multiply-adds.
     assert sasrec["flops_per_sample"] > 2 * 5 * 4 * 32 * 32
+
+
+def test_a_cached_evaluation_resumes_and_extends_by_seeds(udata, tmp_path, monkeypatch):
+    """`duet evaluate --cache DIR`: a seed already in the cache is read, not run; more seeds run only
+    the new ones; the document is the one a run without the cache writes."""
+    from dataclasses import replace
+
+    from duet_bus.tasks.recommendation import Recommendation
+
+    config = EvalConfig(data_path=str(udata), backbone="gru4rec", seeds=(0,), methods=("base", "duet"),
+                        prep=PrepConfig(history_len=5, eval_negatives=20), train=TrainConfig(epochs=1, batch_size=64))
+    cache = tmp_path / "cache"
+    first = evaluate(config, show_progress=False, cache_dir=cache)
+    ran = []
+    original = Recommendation.run_seed
+    monkeypatch.setattr(Recommendation, "run_seed", lambda self, c, seed, p: ran.append(seed) or original(self, c, seed, p))
+    again = evaluate(config, show_progress=False, cache_dir=cache)
+    assert ran == [] and again["methods"] == first["methods"]
+    more = evaluate(replace(config, seeds=(0, 1)), show_progress=False, cache_dir=cache)
+    assert ran == [1] and more["methods"]["duet"]["per_seed"][0] == first["methods"]["duet"]["per_seed"][0]
+    assert len(list(cache.glob("*.json"))) == 2
+    other = evaluate(replace(config, methods=("base",)), show_progress=False, cache_dir=cache)  # another recipe
+    assert ran == [1, 0] and set(other["methods"]) == {"base"}
