@@ -90,7 +90,7 @@ def sharded(shards: int, folder: str) -> tuple[int, float]:
 
 
 def main() -> None:
-    console = Console()
+    console = Console(width=150)
     with tempfile.TemporaryDirectory() as folder:
         console.print("training the bench checkpoints (1 epoch each, cached for the rest of the run)")
         spawn("memory", 1, "1m", True, folder)
