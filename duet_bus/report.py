@@ -206,6 +206,8 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
             methods[m][f"{metric}_mean"], methods[m][f"{metric}_std"] = stats["mean"], stats["std"]
         methods[m] |= {
             "fallbacks": sum(bool(r["fallback"]) for r in mine),
+            # finetune_ms and compute_ms of a batched run: timed alone for some sessions, calibrated for the rest
+            "device_timing": {kind: sum(_timing(r) == kind for r in mine) for kind in ("measured", "calibrated")},
             "delay_ms": {
                 "total": _stats([r["total_ms"] for r in mine]),
                 "measured": {k: _stats([r[k] for r in mine]) for k in MEASURED},
@@ -227,6 +229,13 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
                          for k, v in around_shift(rows, shift, m, primary).items()}
         shift_docs.append({**shift, "devices_shifted": len(shift["devices"]), "around": around})
     return {"scenario": scenario, "run": run, "methods": methods, "shifts": shift_docs}
+
+
+def _timing(row) -> str:
+    try:
+        return row["device_timing"]
+    except (KeyError, AttributeError):  # runs recorded before batching timed every session alone
+        return "measured"
 
 
 def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict) -> dict:
@@ -376,7 +385,8 @@ def run_table(doc: dict) -> Table:
                 "Delay p50 in ms: measured = bus round trip "
                 f"+ cloud (this machine, {'in-process bus' if scenario['bus_kind'] == 'memory' else 'over Kafka'}); "
                 "modelled = radio upload + download (network profile); "
-                "device = fine-tuning + inference (measured x compute_factor)." + _bus_counts(run),
+                "device = fine-tuning + inference (measured x compute_factor; in a batched run most are calibrated "
+                "from the sessions timed alone, see results.json device_timing)." + _bus_counts(run),
     )
     for column in ("Method", "Sessions", f"{name} mean", f"{name} std", "Δ vs base (s.e.)", "won/lost",
                    *(METRIC_NAMES.get(o, o) for o in others), "Fallbacks", "Total p50", "Total p95", "Measured", "Modelled", "Device", "Up/down bytes"):
@@ -464,7 +474,7 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
     ax = axes[0]
     parts = [("upload_ms", "upload (modelled)"), ("bus_ms", "bus (measured)"),
              ("cloud_ms", "cloud incl. generation (measured)"), ("download_ms", "download (modelled)"),
-             ("finetune_ms", "fine-tuning (measured)"), ("compute_ms", "inference (measured)")]
+             ("finetune_ms", "fine-tuning (measured or calibrated)"), ("compute_ms", "inference (measured or calibrated)")]
     bottom = np.zeros(len(methods))
     cmap = plt.get_cmap("Set2")
     for j, (key, label) in enumerate(parts):
