@@ -12,9 +12,11 @@ sessions of one window start at the same virtual instant.
 At every instant with sessions the runner leaves simpy and does the real work:
 every session that needs the cloud goes over the bus to the real generator
 service and back, all of that instant's requests at once (so the cloud sees
-real batches); then the device-side methods (base, on-device fine-tuning) run
-one after the other, so their measured compute is not inflated by the
-round trips. What the code can measure is measured (bus round trip, cloud
+real batches); then the device-side methods (base, on-device fine-tuning).
+By default each method's sessions of the instant are one computation
+(`Fleet.run_many`, `devices.batched`), with a share of them also computed
+alone to time what one device spends; otherwise device by device. A run may
+also be one shard of a run spread over processes (`Shard`, `duet_bus.shards`). What the code can measure is measured (bus round trip, cloud
 time, generation, fine-tuning, inference); the radio link is modelled
 (`NetworkProfile`: bytes / bandwidth + latency each way). Each session's
 delay enters virtual time: a device's next session starts no earlier than
