@@ -43,9 +43,12 @@ def test_duet_is_level_with_base_on_ml100k_sasrec():
 def test_fashion_mnist_small_what_the_readme_reports():
     """Fashion-MNIST, MobileNetV3-Small, the README's settings, seeds 0-1 (about 10 minutes).
 
-    What the 5-seed run shows (README, "The vision task"): fine-tuning on the device's labelled images
-    beats base on every seed; DUET does not beat base in this training budget (1.4 points below on
-    average). The test holds both, so a change that makes DUET win (or lose more) is seen.
+    What the runs show (README, "The vision task"): fine-tuning on the device's labelled images beats
+    base on every seed; DUET does not beat base in this training budget. The same seeds train to
+    different models on different machines (base seed 0: 0.813 on one, 0.788 on another), and on the
+    second DUET was 0.009 above base on seed 0 and 0.003 below on seed 1; so the band per seed is
+    what both machines gave, and DUET's mean over the two seeds may not exceed base's by a point.
+    A change that makes DUET win clearly (or lose more) is still seen.
     """
     from duet_bus.data.images import load_fashion_mnist
 
@@ -59,4 +62,5 @@ def test_fashion_mnist_small_what_the_readme_reports():
     doc = evaluate(config, show_progress=False)
     accuracy = {m: [s["accuracy"] for s in doc["methods"][m]["per_seed"]] for m in config.methods}
     assert all(f > b for f, b in zip(accuracy["finetune"], accuracy["base"])), accuracy
-    assert all(b - 0.04 < d < b + 0.005 for d, b in zip(accuracy["duet"], accuracy["base"])), accuracy
+    assert all(b - 0.04 < d < b + 0.02 for d, b in zip(accuracy["duet"], accuracy["base"])), accuracy
+    assert sum(accuracy["duet"]) / 2 < sum(accuracy["base"]) / 2 + 0.01, accuracy
