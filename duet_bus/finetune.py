@@ -60,6 +60,12 @@ def adam_steps(start: LayerWeights, loss_of: Callable[[LayerWeights], torch.Tens
     return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])]
 
 
+def adam_steps_stacked(start: LayerWeights, count: int, loss_of: Callable[[LayerWeights], torch.Tensor],
+                       config: FinetuneConfig) -> list[LayerWeights]:
+    """`adam_steps` for ``count`` devices that all start from ``start``: their copies stacked, then split again."""
+    return unstack_layers(adam_steps(stack_layers([start] * count), loss_of, config))
+
+
 def finetune_classifier(
     model: RecModel, start: LayerWeights, recent: Samples, config: FinetuneConfig
 ) -> tuple[LayerWeights, float]:
@@ -95,4 +101,4 @@ def finetune_many(model: RecModel, start: LayerWeights, recents: list[Samples],
         logits = model.apply_head(features, x["targets"], layers, layout, side, spread)
         return (F.binary_cross_entropy_with_logits(logits, labels, reduction="none").sum(1) * share).sum()
 
-    return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))
+    return adam_steps_stacked(start, len(recents), loss_of, config)

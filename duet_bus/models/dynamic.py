@@ -129,6 +129,11 @@ def stack_layers(per_session: list[LayerWeights]) -> LayerWeights:
     return out
 
 
+def per_session(weights) -> bool:
+    """Whether ``weights`` are one set of layers per session (a list of `LayerWeights`), not one for all."""
+    return isinstance(weights, list) and bool(weights) and isinstance(weights[0], list)
+
+
 def unstack_layers(stacked: LayerWeights) -> list[LayerWeights]:
     """The inverse of `stack_layers` for full layers: one ``[(W, b), ...]`` per session."""
     return [[(w[i], b[i]) for w, b in stacked] for i in range(stacked[0][0].size(0))]

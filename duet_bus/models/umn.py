@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from duet_bus.errors import ConfigError
 from duet_bus.models.backbones import Backbone, make_backbone
 from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
-                                     stack_layers)
+                                     per_session, stack_layers)
 from duet_bus.models.ppg import PPG, PPGConfig
 
 
@@ -148,7 +148,7 @@ class RecModel(nn.Module):
         from duet_bus.train import tensors
 
         x = tensors(Samples.concat(sessions))
-        if isinstance(weights, list) and weights and isinstance(weights[0], list):
+        if per_session(weights):
             layout = SessionLayout.of_lengths([len(s) for s in sessions])
             logits = self.score(x["history"], x["history_len"], x["targets"], stack_layers(weights), layout)
         else:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
 from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
-                                     stack_layers, unstack_layers)
+                                     per_session, stack_layers)
 from duet_bus.models.mobilenetv3 import MobileNetConfig, MobileNetV3
 from duet_bus.models.ppg import PPG, PPGConfig
 
@@ -160,7 +160,7 @@ class VisionModel(nn.Module):
         """`score_samples` of many sessions in one forward: with one head for all (the global one), or each
         session's own (a list, one per session)."""
         features = self.embed(torch.from_numpy(np.concatenate([s.images for s in sessions])))
-        if isinstance(weights, list) and weights and isinstance(weights[0], list):
+        if per_session(weights):
             layout = SessionLayout.of_lengths([len(s) for s in sessions])
             logits = apply_by_session(features, stack_layers(weights), layout)
         else:
@@ -171,7 +171,7 @@ class VisionModel(nn.Module):
         """`finetune` for many devices in one stacked computation: one backbone pass over every device's
         labelled images, and the Adam steps on all devices' copies of ``start`` at once (see
         `finetune.adam_steps`). Each device's result is what it computes alone, to float rounding."""
-        from duet_bus.finetune import adam_steps
+        from duet_bus.finetune import adam_steps_stacked
 
         with torch.no_grad():
             features = self.embed(torch.from_numpy(np.concatenate([r.images for r in recents])))
@@ -184,5 +184,5 @@ class VisionModel(nn.Module):
             logits = apply_by_session(features, layers, layout, spread)
             return (nn.functional.cross_entropy(logits, target, reduction="none") * share).sum()
 
-        return unstack_layers(adam_steps(stack_layers([start] * len(recents)), loss_of, config))
+        return adam_steps_stacked(start, len(recents), loss_of, config)
 
