@@ -25,6 +25,10 @@ from duet_bus.models.dynamic import SessionLayout, stack_layers, unstack_layers
 from duet_bus.train import tensors
 
 
+ADAM_BETAS = (0.9, 0.999)  # torch.optim.Adam's defaults
+ADAM_EPS = 1e-8
+
+
 @dataclass(frozen=True)
 class FinetuneConfig:
     steps: int = 10
@@ -49,14 +53,20 @@ def adam_steps(start: LayerWeights, loss_of: Callable[[LayerWeights], torch.Tens
     the steps that device takes alone (`finetune_many`; a test compares them).
     """
     params = [t.detach().clone().requires_grad_(True) for layer in start for t in layer]
-    # fused: one kernel per step over all the layers (for many devices' stacked layers, what the per-tensor
-    # updates cost the most of a step); the same update.
-    optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
+    # torch.optim.Adam(params, lr, fused=True), step by step: its fused kernel (one per step over all the
+    # layers; for many devices' stacked layers the per-tensor updates were what cost the most of a step),
+    # called directly. The same update to the bit (a test compares them), without the optimizer object,
+    # whose first construction imports torch._dynamo (3 s of CPU in a run's first fine-tuned session).
+    exp_avg = [torch.zeros_like(p) for p in params]
+    exp_avg_sq = [torch.zeros_like(p) for p in params]
+    step = [torch.zeros((), dtype=torch.float32) for _ in params]
     for _ in range(config.steps):
-        loss = loss_of(list(zip(params[0::2], params[1::2])))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward(inputs=params)
-        optimizer.step()
+        grads = torch.autograd.grad(loss_of(list(zip(params[0::2], params[1::2]))), params)
+        with torch.no_grad():
+            torch._foreach_add_(step, 1)
+            torch._fused_adam_(params, list(grads), exp_avg, exp_avg_sq, [], step, amsgrad=False, lr=config.lr,
+                               beta1=ADAM_BETAS[0], beta2=ADAM_BETAS[1], weight_decay=0.0, eps=ADAM_EPS,
+                               maximize=False)
     return [(w.detach(), b.detach()) for w, b in zip(params[0::2], params[1::2])]
 
 

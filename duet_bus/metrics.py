@@ -75,6 +75,41 @@ def ranking_metrics(scores: np.ndarray, k: int = 10) -> dict[str, float]:
     }
 
 
+def session_ranking_metrics(scores: list[np.ndarray], k: int = 10) -> dict[str, np.ndarray]:
+    """`ranking_metrics`' AUC, NDCG@k, HR@k and log-loss of many sessions at once, one value per session:
+    ``scores[i]`` is session i's ``(n_i, K)`` scores, positive first (the same K for all). The same
+    counts as `auc` and `positive_rank` (each AUC to the bit), in a few array operations per batch instead
+    of a dozen per session: the runner scores thousands of sessions a second."""
+    rows = np.array([len(s) for s in scores])
+    z = np.concatenate(scores).astype(np.float64)
+    starts = np.concatenate([[0], np.cumsum(rows)[:-1]])
+    pos = z[:, 0]
+    tol = _tolerance(pos)
+    rank = 1 + (z[:, 1:] >= (pos - tol)[:, None]).sum(axis=1)
+    hit = rank <= k
+    terms = np.maximum(z, 0) + np.log1p(np.exp(-np.abs(z)))
+    terms[:, 0] -= pos  # - z * y, y = 1 for the positive only
+    out = {
+        "auc": np.empty(len(scores)),
+        f"ndcg{k}": np.add.reduceat(np.where(hit, 1.0 / np.log2(rank + 1), 0.0), starts) / rows,
+        f"hr{k}": np.add.reduceat(hit.astype(np.float64), starts) / rows,
+        "logloss": np.add.reduceat(terms.sum(axis=1), starts) / (rows * z.shape[1]),
+    }
+    # AUC pools a session's positives against all its negatives: sessions of n rows compare as one
+    # (S, n, n (K-1)) array, in chunks that bound it.
+    for n in np.unique(rows):
+        chosen = np.flatnonzero(rows == n)
+        chunk = max(1, 4_000_000 // (n * n * z.shape[1]))
+        for part in (chosen[i: i + chunk] for i in range(0, len(chosen), chunk)):
+            block = z[starts[part][:, None] + np.arange(n)]  # (S, n, K)
+            p, t = block[:, :, 0, None], tol[starts[part][:, None] + np.arange(n)][:, :, None]
+            neg = block[:, :, 1:].reshape(len(part), 1, -1)
+            below = (neg < p - t).sum(axis=(1, 2))
+            tied = ((neg >= p - t) & (neg <= p + t)).sum(axis=(1, 2))
+            out["auc"][part] = (below + 0.5 * tied) / (n * neg.shape[2])
+    return out
+
+
 def classification_metrics(logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     """Accuracy and mean cross-entropy (log-loss) of class logits ``(..., C)`` against labels ``(...)``."""
     z = np.asarray(logits, np.float64).reshape(-1, np.shape(logits)[-1])

@@ -330,11 +330,17 @@ class Runner:
                 batch = [await fleet.run(self._agent(job.device, m), job.session) for job in jobs]
             for job, report in zip(jobs, batch):
                 results[id(job), m] = report
+        metrics = {}
+        for method in self.scenario.methods:  # each method's sessions' metrics together
+            done = [job for job in jobs if (id(job), method) in results]
+            for job, values in zip(done, self.task.session_metrics_many(
+                    [results[id(job), method].scores for job in done], [job.session for job in done])):
+                metrics[id(job), method] = values
         for job in jobs:
             for method in self.scenario.methods:
                 if (id(job), method) not in results:
                     continue
-                record = self._record(job, method, results[id(job), method])
+                record = self._record(job, method, results[id(job), method], metrics[id(job), method])
                 job.delay_s = max(job.delay_s, record.total_ms / 1000)
                 self._add(record)
         self.state.sessions += len(jobs)
@@ -351,7 +357,7 @@ class Runner:
             totals.since_shift += 1
             totals.since_shift_total += value
 
-    def _record(self, job: _Job, method: str, report: SessionReport) -> SessionRecord:
+    def _record(self, job: _Job, method: str, report: SessionReport, metrics: dict[str, float]) -> SessionRecord:
         d = report.delay_ms
         factor = self.scenario.compute_factor
         profile = self.profile[job.device.device_id]
@@ -370,7 +376,7 @@ class Runner:
             session_id=job.session.session_id, device_id=job.device.device_id,
             user=job.owner, method=method, profile=profile.name,
             start_s=job.start_s, index=job.device.sessions_done, samples=len(job.session.samples),
-            metrics=self.task.session_metrics(report.scores, job.session), fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
+            metrics=metrics, fallback=report.fallback, upload_bytes=up, download_bytes=down, upload_ms=upload_ms,
             download_ms=download_ms, bus_ms=d.get("bus_ms", 0.0), cloud_ms=d.get("cloud_ms", 0.0),
             generation_ms=d.get("generation_ms", 0.0), finetune_ms=finetune, compute_ms=compute,
             total_ms=upload_ms + waited + download_ms + finetune + compute, device_timing=timing,

@@ -80,6 +80,11 @@ class _TowerScored(Backbone):
         super().__init__(n_items, history_len, dim, dropout)
         self.dynamic_shapes = ((dim, dim), (dim, dim))
         self.target_tower = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, dim))
+        self._target_cache: tuple[tuple, Tensor] | None = None  # `_every_target`
+
+    def train(self, mode: bool = True) -> "_TowerScored":
+        self._target_cache = None  # see `_every_target`
+        return super().train(mode)
 
     def encode(self, seq: Tensor, lengths: Tensor) -> Tensor:
         raise NotImplementedError
@@ -92,7 +97,22 @@ class _TowerScored(Backbone):
         return torch.einsum("bd,bkd->bk", out, tower)
 
     def target_side(self, targets: Tensor) -> Tensor:
-        return self.target_tower(self.item_emb(targets))
+        if torch.is_grad_enabled() or self.training:
+            return self.target_tower(self.item_emb(targets))
+        return self._every_target()[targets]
+
+    def _every_target(self) -> Tensor:
+        """The target tower of every item, ``(n_items + 1, dim)``: in inference the tower is a function of the
+        item alone, so devices and evaluation look targets up instead of running the tower on each of a
+        batch's ``B x K`` candidates (half of a scoring forward's time). Computed again whenever a weight
+        it depends on may have changed: ``load_state_dict`` bumps tensor versions; a fused optimizer step
+        does not, but it runs in training mode, and `train` drops the table (as `PPG` drops its mixture)."""
+        weights = (self.item_emb.weight, *self.target_tower.parameters())
+        key = tuple(p._version for p in weights) + tuple(p.data_ptr() for p in weights)
+        if self._target_cache is None or self._target_cache[0] != key:
+            with torch.no_grad():
+                self._target_cache = (key, self.target_tower(self.item_emb.weight))
+        return self._target_cache[1]
 
     def summarize(self, realtime: Tensor, realtime_len: Tensor) -> Tensor:
         return self.encode(realtime, realtime_len)

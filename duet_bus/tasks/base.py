@@ -178,6 +178,11 @@ class Task:
         """One session's metrics from the scores its device reported."""
         raise NotImplementedError
 
+    def session_metrics_many(self, scores: list, sessions: list) -> list[dict[str, float]]:
+        """`session_metrics` of many sessions (the runner asks for a method's sessions of one instant at
+        once); a task may compute them together."""
+        return [self.session_metrics(s, session) for s, session in zip(scores, sessions)]
+
 
 TASKS: dict[str, Task] = {}
 

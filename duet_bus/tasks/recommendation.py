@@ -26,7 +26,7 @@ from duet_bus.data.prep import Prepared, PrepConfig
 from duet_bus.finetune import FinetuneConfig, finetune_classifier
 from duet_bus.data.streams import DeviceStream, offline_test_sessions
 from duet_bus.errors import ConfigError
-from duet_bus.metrics import auc, ranking_metrics
+from duet_bus.metrics import auc, ranking_metrics, session_ranking_metrics
 from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
 from duet_bus.protocol import ModelSpec
 from duet_bus.tasks.base import Task, generators, register_task
@@ -193,5 +193,12 @@ class Recommendation(Task):
         return DeviceStream(index, prepared, owner, prepared.config.eval_negatives)
 
     def session_metrics(self, scores: np.ndarray, session) -> dict[str, float]:
-        metrics = ranking_metrics(scores.reshape(-1, session.samples.targets.shape[1]))
-        return {name: metrics[name] for name in self.session_metrics_names}
+        return self.session_metrics_many([scores], [session])[0]
+
+    def session_metrics_many(self, scores: list, sessions: list) -> list[dict[str, float]]:
+        if not scores:
+            return []
+        metrics = session_ranking_metrics([s.reshape(-1, session.samples.targets.shape[1])
+                                           for s, session in zip(scores, sessions)])
+        columns = [metrics[name].tolist() for name in self.session_metrics_names]
+        return [dict(zip(self.session_metrics_names, row)) for row in zip(*columns)]

@@ -1,10 +1,11 @@
 import itertools
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duet_bus.metrics import auc, group_auc, positive_rank, ranking_metrics
+from duet_bus.metrics import auc, group_auc, positive_rank, ranking_metrics, session_ranking_metrics
 
 
 def brute_auc(labels, scores):
@@ -44,3 +45,20 @@ def test_scores_equal_up_to_float_rounding_are_ties():
     assert list(positive_rank(noisy)) == list(positive_rank(exact)) == [2, 2]
     assert group_auc(noisy) == group_auc(exact)
     assert auc(labels, exact + np.array([[0.0, 1e-3, 0.0], [0.0, 0.0, 0.0]])) < auc(labels, exact)  # not a tie
+
+
+def test_session_metrics_of_many_sessions_at_once_are_each_sessions_own():
+    """The runner's batched metrics against `ranking_metrics` session by session: sessions of different
+    lengths, exact ties, near ties within `TIE`, a session of one row."""
+    rng = np.random.default_rng(0)
+    sessions = [rng.normal(size=(n, 21)).astype(np.float32) for n in (5, 5, 1, 3, 5, 2)]
+    sessions[1][:, 4] = sessions[1][:, 0]  # exact ties with every positive
+    sessions[2] = np.round(sessions[2], 1)  # ties among negatives
+    sessions[3][0, 7] = sessions[3][0, 0] * (1 + 1e-7)  # a tie by the tolerance
+    sessions[4][2, 0] = sessions[4][0, 3]  # a positive tied with another row's negative
+    batched = session_ranking_metrics(sessions)
+    for i, scores in enumerate(sessions):
+        alone = ranking_metrics(scores)
+        assert batched["auc"][i] == alone["auc"]
+        for name in ("ndcg10", "hr10", "logloss"):
+            assert batched[name][i] == pytest.approx(alone[name], rel=1e-12, abs=1e-15)

@@ -236,3 +236,53 @@ def test_score_many_mixes_global_full_and_factored_layers(tiny):
         batched = model.score_many(sessions, weights)
         for s, w, out in zip(sessions, weights, batched):
             np.testing.assert_allclose(out, model.score_samples(s, w), atol=1e-5)
+
+
+@pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
+def test_inference_looks_targets_up_and_the_table_follows_training(backbone):
+    """Serving looks the target tower up per item (`_TowerScored._every_target`): the same as running it,
+    and never a table of weights that training or loading has since changed."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone=backbone), n_items=30, history_len=5)
+    tower = model.backbone
+    seq, lengths, targets = batch()
+    model.eval()
+    with torch.no_grad():
+        looked_up = tower.target_side(targets)
+        run = tower.target_tower(tower.item_emb(targets))
+    torch.testing.assert_close(looked_up, run, rtol=1e-6, atol=1e-6)
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)  # no version bump
+    model(seq, lengths, seq, lengths, targets).sum().backward()
+    optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        after = tower.target_side(targets)
+        torch.testing.assert_close(after, tower.target_tower(tower.item_emb(targets)), rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(after, looked_up)
+        other = build_model(ModelConfig(backbone=backbone), n_items=30, history_len=5).eval()
+        model.load_state_dict(other.state_dict())  # in eval mode: the versions tell
+        torch.testing.assert_close(tower.target_side(targets), other.backbone.target_side(targets))
+
+
+def test_fine_tuning_takes_torchs_fused_adam_steps_to_the_bit():
+    from duet_bus.finetune import FinetuneConfig, adam_steps
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randn(16, 4)
+    start = [(torch.randn(8, 8), torch.randn(8)), (torch.randn(8, 4), torch.randn(4))]
+
+    def loss_of(layers):
+        (w1, b1), (w2, b2) = layers
+        return ((torch.relu(x @ w1 + b1) @ w2 + b2 - y) ** 2).mean()
+
+    config = FinetuneConfig(steps=7, lr=3e-3)
+    ours = adam_steps(start, loss_of, config)
+    params = [t.clone().requires_grad_(True) for layer in start for t in layer]
+    optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
+    for _ in range(config.steps):
+        optimizer.zero_grad()
+        loss_of([params[0:2], params[2:4]]).backward()
+        optimizer.step()
+    for got, want in zip([t for layer in ours for t in layer], params):
+        assert torch.equal(got, want.detach())
