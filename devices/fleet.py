@@ -350,6 +350,7 @@ class Calibration:
         self.share = share
         self._per_sample: dict[str, list[float]] = {}
         self._finetune: dict[str, list[float]] = {}
+        self._medians: dict[str, tuple[float, float | None]] = {}  # method -> (per sample, fine-tuning)
 
     def measures(self, method: str, session_id: str) -> bool:
         digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
@@ -362,11 +363,17 @@ class Calibration:
         self._per_sample.setdefault(method, []).append(delay["device_compute_ms"] / max(samples, 1))
         if "finetune_ms" in delay:
             self._finetune.setdefault(method, []).append(delay["finetune_ms"])
+        self._medians.pop(method, None)
 
     def estimate(self, method: str, samples: int) -> dict[str, float]:
-        out = {"device_compute_calibrated_ms": float(np.median(self._per_sample[method])) * samples}
-        if self._finetune.get(method):
-            out["finetune_calibrated_ms"] = float(np.median(self._finetune[method]))
+        if method not in self._medians:  # medians change only when a session is timed
+            finetune = self._finetune.get(method)
+            self._medians[method] = (float(np.median(self._per_sample[method])),
+                                     float(np.median(finetune)) if finetune else None)
+        per_sample, finetune_ms = self._medians[method]
+        out = {"device_compute_calibrated_ms": per_sample * samples}
+        if finetune_ms is not None:
+            out["finetune_calibrated_ms"] = finetune_ms
         return out
 
 

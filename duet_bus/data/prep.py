@@ -76,6 +76,9 @@ class Samples:
         return Samples(**{k: np.concatenate([getattr(p, k) for p in parts]) for k in parts[0].__dict__})
 
 
+SEEN_TABLE_MAX = 64_000_000  # entries of `Prepared._seen`'s dense table (bytes)
+
+
 @dataclass
 class Prepared:
     """A dataset ready for training and evaluation."""
@@ -128,6 +131,14 @@ class Prepared:
         raise DataError("negative sampling: a user has interacted with almost every item")
 
     def _seen(self, keys: np.ndarray) -> np.ndarray:
+        # A dense user x item table where it is small (ML-100k 1.6 MB, ML-1m 22 MB): one lookup instead of a
+        # binary search per key, which was most of what drawing a simulated session's negatives cost.
+        if self.n_users * (self.n_items + 1) <= SEEN_TABLE_MAX:
+            if "seen" not in self.shared:
+                table = np.zeros(self.n_users * (self.n_items + 1), bool)
+                table[self.seen_keys] = True
+                self.shared["seen"] = table
+            return self.shared["seen"][keys]
         pos = np.searchsorted(self.seen_keys, keys)
         pos = np.minimum(pos, len(self.seen_keys) - 1)
         return self.seen_keys[pos] == keys

@@ -76,3 +76,16 @@ async def test_fallen_back_sessions_among_answered_ones(duet_checkpoint, tiny_sh
     assert all(r.fallback for r in alone + batched)
     _same(alone, batched)
     assert all("device_compute_ms" in r.delay_ms for r in batched)  # a share of 1 times every session alone
+
+
+def test_a_calibrated_time_is_the_median_of_the_sessions_timed_so_far():
+    from devices.fleet import Calibration
+
+    calibration = Calibration(share=0.1)
+    calibration.add("finetune", {"device_compute_ms": 4.0, "finetune_ms": 30.0}, samples=2)
+    assert calibration.estimate("finetune", 3) == {"device_compute_calibrated_ms": 6.0, "finetune_calibrated_ms": 30.0}
+    calibration.add("finetune", {"device_compute_ms": 8.0, "finetune_ms": 50.0}, samples=2)
+    calibration.add("finetune", {"device_compute_ms": 12.0, "finetune_ms": 70.0}, samples=2)
+    assert calibration.estimate("finetune", 1) == {"device_compute_calibrated_ms": 4.0, "finetune_calibrated_ms": 50.0}
+    calibration.add("base", {"device_compute_ms": 1.0}, samples=4)
+    assert calibration.estimate("base", 8) == {"device_compute_calibrated_ms": 2.0}

@@ -104,3 +104,15 @@ def test_sessions_by_count_and_gap():
     assert session_bounds(times, 0, 8, gap) == [(0, 3), (3, 6), (6, 7), (7, 8)]
     with pytest.raises(ConfigError, match="sessions.mode"):
         SessionConfig("weekly")
+
+
+def test_the_dense_seen_table_answers_as_the_binary_search(tiny, monkeypatch):
+    from duet_bus.data import prep as prep_module
+
+    rng = np.random.default_rng(0)
+    keys = rng.integers(0, tiny.n_users * (tiny.n_items + 1), 5000)
+    keys[:50] = tiny.seen_keys[:50]  # some certainly seen
+    table = tiny._seen(keys)
+    monkeypatch.setattr(prep_module, "SEEN_TABLE_MAX", 0)
+    np.testing.assert_array_equal(table, tiny._seen(keys))
+    assert table[:50].all() and not table.all()
