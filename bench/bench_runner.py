@@ -7,6 +7,9 @@ Prints, in one run:
   200 and 10,000 devices, with the in-process bus and over Kafka (the embedded
   broker), on the batched device side (`devices.batched`, the default) and,
   as the baseline measured in the same run, one device at a time;
+- the 10,000-device run with torch's intra-op threads at the scenario's
+  default (`torch_threads: 1`) against one per core, in-process and over
+  Kafka;
 - the same scenario at 10,000 devices over Kafka in one process and split
   over 2 runner processes (`duet run --shards 2`; the cloud and the
   collector in the parent), wall time from start to report;
@@ -23,6 +26,7 @@ and cached in a temporary folder. Run: `make bench-runner` (about 20 minutes).
 from __future__ import annotations
 
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -48,13 +52,15 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kB
 
 
-def child(kind: str, devices: int, duration: str, batched: bool, folder: str) -> dict:
+def child(kind: str, devices: int, duration: str, batched: bool, folder: str, threads: int) -> dict:
     from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
     from duet_bus.scenario import parse_scenario
 
-    doc = dict(SCENARIO, duration=duration, output=str(Path(folder) / f"{kind}-{devices}-{batched}"))
+    doc = dict(SCENARIO, duration=duration, output=str(Path(folder) / f"{kind}-{devices}-{batched}-{threads}"))
     doc["devices"] = {"count": devices, "batched": batched}
     doc["bus"] = {"kind": kind}
+    if threads:
+        doc["torch_threads"] = threads
     scenario = parse_scenario(doc)
     prepared = prepare_data(scenario)
     checkpoints = load_checkpoints(scenario, prepared)
@@ -65,9 +71,10 @@ def child(kind: str, devices: int, duration: str, batched: bool, folder: str) ->
             "run_wall_s": result["run"]["wall_s"]}
 
 
-def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str) -> dict:
+def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str, threads: int = 0) -> dict:
+    """One run in a fresh process; ``threads``: the scenario's torch_threads (0: its default, 1)."""
     out = subprocess.run([sys.executable, __file__, "--child", kind, str(devices), duration, str(int(batched)),
-                          folder], capture_output=True, text=True, check=False)
+                          folder, str(threads)], capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise SystemExit(f"child {kind}/{devices} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -111,6 +118,21 @@ def main() -> None:
                                   f"{rates[batched] / rates[False]:.1f}x")
         console.print(table)
 
+        cores = os.cpu_count() or 1
+        table = Table(title=f"torch threads during the run (10,000 devices, 15 virtual min, batched; "
+                            f"{cores} cores)")
+        for col in ("Bus", "torch_threads", "Sessions", "Wall s", "Sessions / s", f"vs {cores} threads"):
+            table.add_column(col, justify="right")
+        for kind in ("memory", "kafka"):
+            rates = {}
+            for threads in (cores, 1):
+                r = spawn(kind, 10_000, "15m", True, folder, threads)
+                rates[threads] = r["sessions"] / r["run_wall_s"]
+                table.add_row("in-process" if kind == "memory" else "Kafka (Tansu)",
+                              f"{threads}" + (" (default)" if threads == 1 else ""), f"{r['sessions']:,}",
+                              f"{r['run_wall_s']:.1f}", f"{rates[threads]:,.0f}", f"{rates[threads] / rates[cores]:.2f}x")
+        console.print(table)
+
         table = Table(title="One run over shards (10,000 devices, Kafka, 15 virtual min; wall s of the whole "
                             "command: data, cached checkpoints, run, report)")
         for col in ("Processes", "Sessions", "Wall s", "Sessions / s", "vs one process"):
@@ -135,7 +157,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 7 and sys.argv[1] == "--child":
-        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", sys.argv[6])))
+    if len(sys.argv) == 8 and sys.argv[1] == "--child":
+        print(json.dumps(child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5] == "1", sys.argv[6],
+                               int(sys.argv[7]))))
     else:
         main()

@@ -122,6 +122,7 @@ class Scenario:
     duration_s: float
     output: str
     dashboard: bool
+    torch_threads: int  # torch's intra-op threads while the run simulates (training before it keeps torch's own)
     source: str = field(default="<scenario>", compare=False)
 
     def generators(self, method: str) -> int | None:
@@ -329,7 +330,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     r = _Reader()
     top = r.section(doc, "", ("name", "seed", "seeds", "data", "model", "methods", "finetune", "devices",
                               "network_profiles", "arrivals", "shifts", "bus", "cloud", "window", "duration",
-                              "output", "dashboard"))
+                              "output", "dashboard", "torch_threads"))
     if doc is None or not isinstance(doc, dict):
         raise ScenarioError(source, r.problems or ["(top level): must be a mapping, got an empty file"])
     name = r.get(top, "", "name", "str")
@@ -488,6 +489,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         duration_s=r.get(top, "", "duration", "duration", gt=0),
         output=r.get(top, "", "output", "str", f"runs/{name or 'scenario'}"),
         dashboard=r.get(top, "", "dashboard", "bool", True),
+        torch_threads=r.get(top, "", "torch_threads", "int", 1, min=1),
         source=source,
     )
     if scenario["bus_kind"] == "memory" and scenario["bootstrap"]:

@@ -34,7 +34,7 @@ def test_every_problem_is_reported_with_its_path():
     found = problems({
         "name": "t", "duration": "soon", "devices": {"count": -3, "colour": "red", "network": {"6g": 1}},
         "methods": ["base", "magic"], "shifts": [{"kind": "earthquake", "at": "1h"}, {"kind": "handover"}],
-        "cloud": {"weight_encoding": "float8"}, "data": {"holdout": 1.5},
+        "cloud": {"weight_encoding": "float8"}, "data": {"holdout": 1.5}, "torch_threads": 0,
     })
     text = "\n".join(found)
     for expected in (
@@ -47,6 +47,7 @@ def test_every_problem_is_reported_with_its_path():
         "cloud.weight_encoding: must be one of float32, float16, int8, factored, got 'float8'",
         "data.holdout: must be less than 1, got 1.5",
         "duration: must be a duration",
+        "torch_threads: must be a positive integer, got 0",
     ):
         assert expected in text, f"{expected!r} not in\n{text}"
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
@@ -50,8 +51,10 @@ def rows(out):
 
 
 def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
+    threads = torch.get_num_threads()
     doc, out = run(scenario_file, "first", kafka_bootstrap)
     assert doc["run"]["finished"] and not doc["run"]["interrupted"]
+    assert doc["scenario"]["torch_threads"] == 1 and torch.get_num_threads() == threads  # put back after the run
     assert set(doc["methods"]) == {"base", "finetune", "duet_no_swa", "duet"}
     for m, r in doc["methods"].items():
         assert r["sessions"] == doc["run"]["sessions"] > 0
@@ -124,8 +127,9 @@ def _by_session(out):
 def test_batched_devices_score_as_one_device_at_a_time(scenario_file, kafka_bootstrap, kind):
     """`devices.batched` (each instant's device side as one computation: stacked fine-tuning, one
     forward per method) gives every session the metrics of the one-device-at-a-time path, to 1e-6, for
-    all four methods; device times of the sessions not timed alone are marked calibrated."""
-    _, alone = run(scenario_file, f"alone-{kind}", kafka_bootstrap, batched=False, bus_kind=kind)
+    all four methods; device times of the sessions not timed alone are marked calibrated. torch's thread
+    count does not change them either."""
+    _, alone = run(scenario_file, f"alone-{kind}", kafka_bootstrap, batched=False, bus_kind=kind, torch_threads=2)
     _, batched = run(scenario_file, f"batched-{kind}", kafka_bootstrap, batched=True, bus_kind=kind,
                      timing_share=0.2)
     a, b = _by_session(alone), _by_session(batched)
