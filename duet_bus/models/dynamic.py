@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -137,6 +138,17 @@ def per_session(weights) -> bool:
 def unstack_layers(stacked: LayerWeights) -> list[LayerWeights]:
     """The inverse of `stack_layers` for full layers: one ``[(W, b), ...]`` per session."""
     return [[(w[i], b[i]) for w, b in stacked] for i in range(stacked[0][0].size(0))]
+
+
+def split_sessions(out: Tensor, lengths: list[int]) -> list[np.ndarray]:
+    """A batch's output rows cut into its sessions' (``lengths`` rows each), each session's own copy.
+
+    A copy, not a view: a view keeps the whole batch's tensor alive as long as any one session's result
+    is kept, and behind it (the allocator cannot give back the heap below a live block) the batch's freed
+    working memory: about 8 MB a 128-session recommendation batch, 62 kB a session in flight, which was
+    most of a simulated device's memory in a 100,000-device run.
+    """
+    return [part.numpy().copy() for part in out.split(lengths)]
 
 
 class StaticLayers(nn.Module):

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from duet_bus.errors import ConfigError
 from duet_bus.models.backbones import Backbone, make_backbone
 from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
-                                     per_session, stack_layers)
+                                     per_session, split_sessions, stack_layers)
 from duet_bus.models.ppg import PPG, PPGConfig
 
 
@@ -153,7 +153,7 @@ class RecModel(nn.Module):
             logits = self.score(x["history"], x["history_len"], x["targets"], stack_layers(weights), layout)
         else:
             logits = self.score(x["history"], x["history_len"], x["targets"], weights)
-        return [part.numpy().ravel() for part in logits.split([len(s) for s in sessions])]
+        return [scores.ravel() for scores in split_sessions(logits, [len(s) for s in sessions])]
 
     def finetune_many(self, start: LayerWeights, recents: list, config) -> list[LayerWeights]:
         """`finetune` for many devices in one stacked computation (`finetune.finetune_many`)."""

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
 from duet_bus.models.dynamic import (LayerWeights, SessionLayout, StaticLayers, apply_by_session, apply_dynamic,
-                                     per_session, stack_layers)
+                                     per_session, split_sessions, stack_layers)
 from duet_bus.models.mobilenetv3 import MobileNetConfig, MobileNetV3
 from duet_bus.models.ppg import PPG, PPGConfig
 
@@ -165,7 +165,7 @@ class VisionModel(nn.Module):
             logits = apply_by_session(features, stack_layers(weights), layout)
         else:
             logits = apply_dynamic(features, weights)
-        return [part.numpy() for part in logits.split([len(s) for s in sessions])]
+        return split_sessions(logits, [len(s) for s in sessions])
 
     def finetune_many(self, start: LayerWeights, recents: list, config) -> list[LayerWeights]:
         """`finetune` for many devices in one stacked computation: one backbone pass over every device's

@@ -5,6 +5,7 @@ import asyncio
 
 import numpy as np
 import pytest
+import torch
 
 from cloud import CloudConfig, GeneratorService
 from devices import DeviceAgent, Fleet, FleetConfig
@@ -89,3 +90,14 @@ def test_a_calibrated_time_is_the_median_of_the_sessions_timed_so_far():
     assert calibration.estimate("finetune", 1) == {"device_compute_calibrated_ms": 4.0, "finetune_calibrated_ms": 50.0}
     calibration.add("base", {"device_compute_ms": 1.0}, samples=4)
     assert calibration.estimate("base", 8) == {"device_compute_calibrated_ms": 2.0}
+
+
+def test_a_sessions_scores_do_not_keep_the_batch_alive(duet_checkpoint, tiny_shared):
+    """Each session's scores are its own array, not a view of the batch's output: a view kept the whole
+    batch's tensor, and behind it the batch's freed working memory, alive as long as one session's result."""
+    sessions = offline_test_sessions(tiny_shared, with_recent=5)[:6]
+    with torch.inference_mode():
+        scores = duet_checkpoint.model.score_many([s.samples for s in sessions], duet_checkpoint.global_layers)
+    for out, session in zip(scores, sessions):
+        owner = out if out.base is None else out.base
+        assert owner.flags.owndata and owner.nbytes == out.nbytes == session.samples.targets.size * 4
