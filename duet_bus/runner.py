@@ -558,8 +558,9 @@ def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` for a block, then put back.
 
     A run's own Python (simpy, the bus, records) is most of its time, and torch's pool threads spin
-    on the cores it needs: on 2 cores one thread runs a 10,000-device scenario about 1.5x as fast as
-    two (`make bench-runner` measures it). Device and cloud batches are small, so they lose little.
+    on the cores it and the broker need: on 2 cores one thread ran a 10,000-device scenario over Kafka
+    1.2x as fast as two (`make bench-runner` measures it). Device and cloud batches are small, so they
+    lose little.
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)
