@@ -350,26 +350,25 @@ class Calibration:
         self.share = share
         self._per_sample: dict[str, list[float]] = {}
         self._finetune: dict[str, list[float]] = {}
-        self._medians: dict[str, tuple[float, float | None]] = {}  # method -> (per sample, fine-tuning)
+        # method -> (per sample, fine-tuning): kept as sessions are timed (few), read for every other session
+        self._medians: dict[str, tuple[float, float | None]] = {}
 
     def measures(self, method: str, session_id: str) -> bool:
         digest = hashlib.blake2b(session_id.encode(), digest_size=8).digest()
         return int.from_bytes(digest, "big") < self.share * 2**64
 
     def ready(self, method: str) -> bool:
-        return bool(self._per_sample.get(method))
+        return method in self._medians
 
     def add(self, method: str, delay: dict[str, float], samples: int) -> None:
-        self._per_sample.setdefault(method, []).append(delay["device_compute_ms"] / max(samples, 1))
+        per_sample = self._per_sample.setdefault(method, [])
+        per_sample.append(delay["device_compute_ms"] / max(samples, 1))
+        finetune = self._finetune.setdefault(method, [])
         if "finetune_ms" in delay:
-            self._finetune.setdefault(method, []).append(delay["finetune_ms"])
-        self._medians.pop(method, None)
+            finetune.append(delay["finetune_ms"])
+        self._medians[method] = (float(np.median(per_sample)), float(np.median(finetune)) if finetune else None)
 
     def estimate(self, method: str, samples: int) -> dict[str, float]:
-        if method not in self._medians:  # medians change only when a session is timed
-            finetune = self._finetune.get(method)
-            self._medians[method] = (float(np.median(self._per_sample[method])),
-                                     float(np.median(finetune)) if finetune else None)
         per_sample, finetune_ms = self._medians[method]
         out = {"device_compute_calibrated_ms": per_sample * samples}
         if finetune_ms is not None:

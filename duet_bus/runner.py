@@ -314,15 +314,16 @@ class Runner:
         results: dict[tuple[int, str], SessionReport] = {}
         if self.scenario.batched:
             # The same work, each method's sessions as one computation (`Fleet.run_many`); the device-side
-            # methods too, so that their compute overlaps the cloud's round trips.
-            outcome = await asyncio.gather(*(fleet.run_many(
-                [self._agent(job.device, m) for job in jobs],
-                [s for _, m2, s in requests if m2 == m]) for m in cloud), *(fleet.run_many(
-                    [self._agent(job.device, m) for job in jobs], [job.session for job in jobs]) for m in local),
-                return_exceptions=True)
-            outcome, local_outcome = outcome[:len(cloud)], outcome[len(cloud):]
-            reports = [report for out in outcome
+            # methods beside the cloud's, so that their compute overlaps the cloud's round trips.
+            def many(method: str, sessions: list[DeviceSession]):
+                return fleet.run_many([self._agent(job.device, method) for job in jobs], sessions)
+
+            outcome = await asyncio.gather(*(many(m, [s for _, m2, s in requests if m2 == m]) for m in cloud),
+                                           *(many(m, [job.session for job in jobs]) for m in local),
+                                           return_exceptions=True)
+            reports = [report for out in outcome[:len(cloud)]
                        for report in ([out] * len(jobs) if isinstance(out, BaseException) else out)]
+            local_batches = dict(zip(local, outcome[len(cloud):]))
         else:
             reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests),
                                            return_exceptions=True)
@@ -333,9 +334,9 @@ class Runner:
             self.state.cloud_answered += not report.fallback
             self.state.cloud_fell_back += report.fallback
             results[id(job), m] = report
-        for i, m in enumerate(local):
+        for m in local:
             if self.scenario.batched:
-                batch = local_outcome[i]
+                batch = local_batches[m]
                 if isinstance(batch, BaseException):
                     raise batch
             else:
