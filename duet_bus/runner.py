@@ -313,17 +313,15 @@ class Runner:
         self.state.cloud_started += len(requests)
         results: dict[tuple[int, str], SessionReport] = {}
         if self.scenario.batched:
-            # The same work, each method's sessions as one computation (`Fleet.run_many`); the device-side
-            # methods beside the cloud's, so that their compute overlaps the cloud's round trips.
-            def many(method: str, sessions: list[DeviceSession]):
-                return fleet.run_many([self._agent(job.device, method) for job in jobs], sessions)
-
-            outcome = await asyncio.gather(*(many(m, [s for _, m2, s in requests if m2 == m]) for m in cloud),
-                                           *(many(m, [job.session for job in jobs]) for m in local),
-                                           return_exceptions=True)
-            reports = [report for out in outcome[:len(cloud)]
+            # The same work, each method's sessions as one computation (`Fleet.run_many`). The device-side
+            # methods run after the cloud's, not beside them: a session timed alone (`Calibration`) must not
+            # share the CPU with the cloud's generation (beside it, vision_shift's base device p50 was 90 ms;
+            # after it, 29).
+            outcome = await asyncio.gather(*(fleet.run_many(
+                [self._agent(job.device, m) for job in jobs],
+                [s for _, m2, s in requests if m2 == m]) for m in cloud), return_exceptions=True)
+            reports = [report for out in outcome
                        for report in ([out] * len(jobs) if isinstance(out, BaseException) else out)]
-            local_batches = dict(zip(local, outcome[len(cloud):]))
         else:
             reports = await asyncio.gather(*(fleet.run(self._agent(job.device, m), s) for job, m, s in requests),
                                            return_exceptions=True)
@@ -336,9 +334,7 @@ class Runner:
             results[id(job), m] = report
         for m in local:
             if self.scenario.batched:
-                batch = local_batches[m]
-                if isinstance(batch, BaseException):
-                    raise batch
+                batch = await fleet.run_many([self._agent(job.device, m) for job in jobs], [job.session for job in jobs])
             else:
                 batch = [await fleet.run(self._agent(job.device, m), job.session) for job in jobs]
             for job, report in zip(jobs, batch):
@@ -559,8 +555,8 @@ def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` for a block, then put back.
 
     A run's own Python (simpy, the bus, records) is most of its time, and torch's pool threads spin
-    on the cores it and the broker need: on 2 cores one thread ran a 10,000-device scenario over Kafka
-    1.2x as fast as two (`make bench-runner` measures it). Device and cloud batches are small, so they
+    on the cores it and the broker need: on 2 cores one thread ran a 10,000-device scenario 1.1-1.5x
+    as fast as two (`make bench-runner` measures it). Device and cloud batches are small, so they
     lose little.
     """
     before = torch.get_num_threads()
