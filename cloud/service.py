@@ -147,12 +147,32 @@ class GeneratorService:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        """Serve until ``stop`` is set; start() first."""
-        while not stop.is_set():
-            records, received_at = await self.next_batch()
-            if records:
-                await self.handle(records, received_at, stop)
-                self.stats.lag = await self.consumer.lag()
+        """Serve until ``stop`` is set; start() first.
+
+        One batch is delivered while the next is prepared: waiting for the broker's acknowledgements of
+        batch n overlaps with fetching, checking and generating batch n + 1 (measured on a backlog over the
+        embedded broker: the worker spent half its time in that wait). Batches are still delivered and
+        committed in order, and batch n + 1 is sent only once batch n is committed.
+        """
+        delivering: asyncio.Task | None = None  # the previous batch's delivery and commit
+        previous: list[Record] = []
+        try:
+            while not stop.is_set():
+                records, received_at = await self.next_batch()
+                if not records:
+                    continue
+                replies, letters = await self.prepare(records, received_at)
+                if delivering is not None and not await delivering:
+                    # The previous batch gave up and rewound its partitions; this one goes back with it
+                    # (fetched before or after that rewind, it is read again either way).
+                    self._rewind(previous + records)
+                    delivering = None
+                    continue
+                previous = records
+                delivering = asyncio.create_task(self.finish(records, replies, letters, stop))
+        finally:
+            if delivering is not None:
+                await delivering
 
     async def next_batch(self) -> tuple[list[Record], float]:
         """The next micro-batch (possibly empty) and when its first record was taken.
@@ -184,7 +204,12 @@ class GeneratorService:
         delivered or ``stop`` is set (then nothing is committed: whoever takes
         the partitions next serves it again).
         """
-        received_at = time.time() if received_at is None else received_at
+        replies, letters = await self.prepare(records, time.time() if received_at is None else received_at)
+        await self.finish(records, replies, letters, stop)
+
+    async def prepare(self, records: list[Record], received_at: float) -> tuple[list[tuple[Record, Message]],
+                                                                              list[Message]]:
+        """`handle`'s first half: each record's reply or dead letter, encoded, nothing sent yet."""
         by_model: dict[tuple[str, str], list[tuple[Record, SessionStart]]] = {}
         letters: list[Message] = []
         for record in records:
@@ -201,14 +226,16 @@ class GeneratorService:
             generated, failed = await self._generate_guarded(self.models[version], items, received_at)
             replies += generated
             letters += failed
+        return replies, letters
+
+    async def finish(self, records: list[Record], replies: list[tuple[Record, Message]], letters: list[Message],
+                     stop: asyncio.Event | None) -> bool:
+        """`handle`'s second half: deliver, then commit. False if the delivery gave up (the records were
+        rewound, to be read again)."""
         if not await self._deliver(replies, letters, stop):
             # Not committed: this worker (or the next owner of the partitions) reads the batch again.
-            first: dict[tuple[str, int], int] = {}
-            for record in records:
-                key = (record.topic, record.partition)
-                first[key] = min(first.get(key, record.offset), record.offset)
-            self.consumer.seek(first)
-            return
+            self._rewind(records)
+            return False
         offsets: dict[tuple[str, int], int] = {}
         for record in records:
             key = (record.topic, record.partition)
@@ -220,6 +247,16 @@ class GeneratorService:
             self.stats.commit_failures += 1
             log.warning("commit of %d records failed (%s: %s); they will be served again", len(records),
                         type(exc).__name__, exc)
+        self.stats.lag = await self.consumer.lag()
+        return True
+
+    def _rewind(self, records: list[Record]) -> None:
+        """Move the consumer back to the first of these records on each of their partitions."""
+        first: dict[tuple[str, int], int] = {}
+        for record in records:
+            key = (record.topic, record.partition)
+            first[key] = min(first.get(key, record.offset), record.offset)
+        self.consumer.seek(first)
 
     async def _accept(self, record: Record) -> SessionStart:
         """Decode and check one request; raise `ProtocolError` naming what is wrong."""

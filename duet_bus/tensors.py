@@ -33,7 +33,7 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
         out["scale"] = scale
         array = np.clip(np.rint(array / scale), -127, 127).astype(np.int8)
     elif encoding is not None:
-        array = array.astype(encoding)
+        array = array.astype(encoding, copy=False)  # float32 weights as float32: no copy (tobytes makes one)
     name = _LITTLE.get(array.dtype)
     if name is not None:  # already little-endian (any native array on x86 and ARM): bytes as they are
         data = array.tobytes()  # C order, a copy for a strided view

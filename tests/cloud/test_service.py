@@ -143,6 +143,47 @@ async def test_a_batch_not_delivered_when_stopping_is_read_again(duet_checkpoint
     assert [r.value for r in again] == values
 
 
+async def test_a_batch_prepared_while_the_one_before_failed_is_read_again(duet_checkpoint, tiny_shared):
+    """`run` prepares batch n + 1 while batch n is delivered; when n gives up, n + 1 (already generated)
+    must not be sent or committed before n: both are read again, nothing is lost, commits never skip."""
+    class FailsOnce(MemoryBus):
+        failures = 0
+
+        async def send_many(self, messages):
+            if self.failures:
+                self.failures -= 1
+                return [KafkaConnectionError()] * len(messages)
+            return await super().send_many(messages)
+
+    bus = FailsOnce()
+    service = await started(bus, duet_checkpoint, max_batch=3, delivery_timeout_s=0, retry_backoff_s=0.01)
+    commits = []
+    commit = service.consumer.commit
+
+    async def recorded(offsets):
+        commits.append(offsets[("duet.sessions", 0)])
+        await commit(offsets)
+
+    service.consumer.commit = recorded
+    bus.failures = 1  # the first batch's replies
+    values = requests(offline_test_sessions(tiny_shared)[:6], duet_checkpoint.spec)
+    for value in values:
+        await bus.send("duet.sessions", value, partition=0)
+    stop = asyncio.Event()
+    task = asyncio.create_task(service.run(stop))
+    for _ in range(500):
+        if commits and commits[-1] == 6:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(task, 10)
+    assert commits == [3, 6]  # in order, and not before the failed batch was served
+    # Both batches were generated twice: the second one was ready when the first gave up.
+    assert service.stats.served == 12
+    answered = {r.request_id for r in replies(bus)}
+    assert answered == {protocol.decode(v).request_id for v in values}
+
+
 @pytest.mark.parametrize("value", [None, b"", b"\xc1", b"\x93\x01\x02\x03"])
 async def test_tombstones_and_garbage_are_dead_lettered(duet_checkpoint, value):
     bus = MemoryBus()
