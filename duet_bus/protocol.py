@@ -267,9 +267,12 @@ class _Fields:
         self.body = body
 
     def get(self, name: str, kind: type | tuple[type, ...]):
-        if name not in self.body:
-            raise ProtocolError(name, "missing")
-        value = self.body[name]
+        try:
+            value = self.body[name]
+        except KeyError:
+            raise ProtocolError(name, "missing") from None
+        if type(value) is kind and kind is not float:  # what msgpack gives for a well-formed field: done
+            return value
         # A number field takes msgpack int or float: many encoders write 2.0 as an int.
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)

@@ -48,30 +48,37 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
 
 # The wire's dtypes in little-endian byte order, by dtype (a dict lookup: `dtype.name` costs microseconds).
 _LITTLE = {np.dtype(name).newbyteorder("<"): name for name in WIRE_DTYPES}
+_WIRE = {name: dtype for dtype, name in _LITTLE.items()}
 
 
 def decode(obj: object, max_elements: int) -> np.ndarray:
     """Decode and check an encoded array; int8 and float16 come back as float32."""
     if not isinstance(obj, dict):
         raise TensorError(f"expected an encoded array (map), got {type(obj).__name__}")
-    missing = {"dtype", "shape", "data"} - obj.keys()
-    if missing:
-        raise TensorError(f"encoded array lacks {sorted(missing)}")
-    dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
-    if not isinstance(dtype, str) or dtype not in WIRE_DTYPES:
+    try:
+        dtype, shape, data = obj["dtype"], obj["shape"], obj["data"]
+    except KeyError:
+        raise TensorError(f"encoded array lacks {sorted({'dtype', 'shape', 'data'} - obj.keys())}") from None
+    wire = _WIRE.get(dtype) if isinstance(dtype, str) else None
+    if wire is None:
         shown = repr(dtype)[:40] if isinstance(dtype, str) else f"of type {type(dtype).__name__}"
         raise TensorError(f"dtype {shown} not allowed (allowed: {sorted(WIRE_DTYPES)})")
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if type(shape) is not list:
         raise TensorError("shape must be a list of non-negative integers")
     if len(shape) > MAX_DIMS:
         raise TensorError(f"{len(shape)} dimensions exceed the limit of {MAX_DIMS}")
-    # Each dimension on its own too: [0, 2**63] holds no element but no array can have it.
-    if any(d > max_elements for d in shape) or math.prod(shape) > max_elements:
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise TensorError("shape must be a list of non-negative integers")
+        # Each dimension on its own too: [0, 2**63] holds no element but no array can have it.
+        if d > max_elements:
+            raise TensorError(f"shape {shape} exceeds the limit of {max_elements} elements")
+        count *= d
+    if count > max_elements:
         raise TensorError(f"shape {shape} exceeds the limit of {max_elements} elements")
-    count = math.prod(shape)
     if not isinstance(data, bytes):
         raise TensorError(f"data must be bytes, got {type(data).__name__}")
-    wire = np.dtype(dtype).newbyteorder("<")
     if len(data) != count * wire.itemsize:
         raise TensorError(f"data has {len(data)} bytes, shape {shape} of {dtype} needs {count * wire.itemsize}")
     array = np.frombuffer(data, dtype=wire).reshape(shape)
