@@ -5,6 +5,9 @@ On one embedded broker, prints:
 - raw echo round trip (p50, p99): a client sends a session-start-sized
   message to a topic, an echo worker in a consumer group sends it back to the
   client's reply partition (the same hops as a session, nothing computed);
+- the same echo with reply-sized answers: the echo worker pads each answer to
+  the size of a session's `WeightsReady` (the bytes a session moves, nothing
+  computed);
 - session round trip (p50, p99): a fleet's device sends a real SessionStart,
   the generator service validates, generates (GRU4Rec DUET, N_p = 5) and
   replies, the device receives the WeightsReady; and of it the time inside
@@ -46,7 +49,7 @@ from duet_bus.models import ModelConfig, PPGConfig, build_model
 
 LEVELS = (1, 10, 100)
 SESSIONS_PER_LEVEL = 300
-BACKLOG = 2000
+BACKLOG = 20000  # about 2 s of one worker: long enough to average the machine's noise
 
 
 def untrained_checkpoint(prepared) -> Checkpoint:
@@ -55,8 +58,9 @@ def untrained_checkpoint(prepared) -> Checkpoint:
                       global_layers(model, prepared))
 
 
-async def echo_server(bootstrap: str, req: str, rep: str) -> None:
-    """The raw echo worker (its own process): send every request back to its reply partition."""
+async def echo_server(bootstrap: str, req: str, rep: str, answer_bytes: int = 0) -> None:
+    """The raw echo worker (its own process): send every request back to its reply partition, padded to
+    ``answer_bytes`` if that is more."""
     bus = KafkaBus(bootstrap)
     await bus.start()
     server = bus.group_consumer([req], f"{req}-echo")
@@ -66,7 +70,7 @@ async def echo_server(bootstrap: str, req: str, rep: str) -> None:
     while not stop.is_set():
         records = await server.getmany(timeout_ms=50, max_records=256)
         if records:
-            await bus.send_many([(rep, r.value, r.key, 0) for r in records])
+            await bus.send_many([(rep, r.value.ljust(answer_bytes, b"\0"), r.key, 0) for r in records])
             await server.commit({(r.topic, r.partition): r.offset + 1 for r in records})
     await server.stop()
     await bus.stop()
@@ -130,7 +134,8 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
         messages.append((topics.sessions, protocol.encode(protocol.SessionStart(
             f"{s.session_id}-{n}", protocol.new_request_id(), s.device_id, ckpt.model_version, s.realtime, topics.weights, 0, time.time())),
             s.device_id.encode(), None))
-    await bus.send_many(messages)
+    for k in range(0, len(messages), 5000):
+        await bus.send_many(messages[k:k + 5000])
     service = GeneratorService(bus, [ckpt], CloudConfig(topics=topics, group_id=f"cloud-{tag}",
                                                             max_wait_ms=max_wait_ms))
     await service.start()
@@ -144,10 +149,10 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
     deadline = time.monotonic() + 120
     while service.stats.served < BACKLOG and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
+    stop.set()
+    await task  # the last batch delivered and committed
     elapsed = time.perf_counter() - start
     served = service.stats.served
-    stop.set()
-    await task
     await service.stop()
     return served / elapsed
 
@@ -162,9 +167,14 @@ async def main(max_wait_ms: str) -> None:
     sessions = offline_test_sessions(prepared)
     payload = protocol.encode(protocol.SessionStart("s", protocol.new_request_id(), "d", ckpt.model_version,
                                                            sessions[0].realtime, "w", 0, 0.0))
-    table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms})")
-    for col in ("in flight", "echo p50", "echo p99", "session p50", "session p99", "of it in cloud p50",
-                "session/echo p50"):
+    # What a session's answer weighs: a float32 WeightsReady of this model.
+    answer = len(protocol.encode(protocol.WeightsReady(
+        "s", protocol.new_request_id(), sessions[0].device_id, ckpt.model_version, "duet",
+        [(w.numpy(), b.numpy()) for w, b in ckpt.global_layers], 0.0, 0.0, 0.0, 1), "float32"))
+    table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms}; "
+                        f"request {len(payload)} B, reply {answer} B)")
+    for col in ("in flight", "echo p50", "echo p99", "echo, reply-sized answers p50", "session p50", "session p99",
+                "of it in cloud p50", "session / echo p50", "session / reply-sized echo p50"):
         table.add_column(col, justify="right")
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "duet.pt"
@@ -173,10 +183,12 @@ async def main(max_wait_ms: str) -> None:
         bus = KafkaBus(broker.bootstrap)
         await bus.start()
         topics = Topics()
-        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1})
-        # The echo worker and the cloud worker run in processes of their own, as deployed.
+        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1, "echo-big.req": 4, "echo-big.rep": 1})
+        # The echo workers and the cloud worker run in processes of their own, as deployed.
         workers = [
-            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep"]),
+            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep", "0"]),
+            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo-big.req",
+                              "echo-big.rep", str(answer)]),
             subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "cloud", "--bootstrap", broker.bootstrap,
                               "--checkpoint", str(path), "--max-wait-ms", max_wait_ms], stdout=subprocess.DEVNULL),
         ]
@@ -187,10 +199,11 @@ async def main(max_wait_ms: str) -> None:
             await fleet.run(agents[0], sessions[0])  # warm-up: the cloud joins its group
             for level in LEVELS:
                 echo = await echo_round_trips(bus, "echo.req", "echo.rep", payload, level)
+                big = await echo_round_trips(bus, "echo-big.req", "echo-big.rep", payload, level)
                 session, cloud = await session_round_trips(fleet, agents, sessions, level)
-                table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(session, 50):.2f}",
-                              f"{pct(session, 99):.2f}", f"{pct(cloud, 50):.2f}",
-                              f"{pct(session, 50) / pct(echo, 50):.2f}x")
+                table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(big, 50):.2f}",
+                              f"{pct(session, 50):.2f}", f"{pct(session, 99):.2f}", f"{pct(cloud, 50):.2f}",
+                              f"{pct(session, 50) / pct(echo, 50):.2f}x", f"{pct(session, 50) / pct(big, 50):.2f}x")
         finally:
             await fleet.stop()
             for worker in workers:
@@ -200,15 +213,15 @@ async def main(max_wait_ms: str) -> None:
             rate = await worker_throughput(bus, ckpt, sessions, float(max_wait_ms))
         finally:
             await bus.stop()
-    console = Console(width=120)
+    console = Console(width=160)
     console.print(table)
-    console.print(f"one cloud worker drains a backlog at {rate:.0f} sessions/s "
+    console.print(f"one cloud worker drains a backlog of {BACKLOG} sessions at {rate:.0f} sessions/s "
                   f"(GRU4Rec DUET N_p=5, micro-batches up to 256)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 5 and sys.argv[1] == "--echo-server":
-        asyncio.run(echo_server(*sys.argv[2:]))
+    if len(sys.argv) == 6 and sys.argv[1] == "--echo-server":
+        asyncio.run(echo_server(*sys.argv[2:5], int(sys.argv[5])))
     else:
         parser = argparse.ArgumentParser(description="session round trip against a raw broker echo")
         parser.add_argument("--max-wait-ms", default="0", help="the cloud worker's micro-batch wait (ms)")
