@@ -146,33 +146,38 @@ class GeneratorService:
             realtime_kinds={kind: list(shape) for kind, shape in spec.realtime_kinds},
         )
 
+    #: Batches being delivered (sent, waiting for the broker's acknowledgements, then committed) while the
+    #: next one is fetched, checked and generated.
+    IN_FLIGHT = 2
+
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; start() first.
 
-        One batch is delivered while the next is prepared: waiting for the broker's acknowledgements of
-        batch n overlaps with fetching, checking and generating batch n + 1 (measured on a backlog over the
-        embedded broker: the worker spent half its time in that wait). Batches are still delivered and
-        committed in order, and batch n + 1 is sent only once batch n is committed.
+        Up to `IN_FLIGHT` batches are delivered while the next is prepared: waiting for the broker's
+        acknowledgements overlaps with fetching, checking and generating (measured on a backlog over the
+        embedded broker: with none in flight the worker spent half its time in that wait). Each batch is
+        committed only after the one before it: when a batch gives up, every batch after it is not
+        committed either, and all of them are read again (their replies may then go out twice; devices drop
+        the copies).
         """
-        delivering: asyncio.Task | None = None  # the previous batch's delivery and commit
-        previous: list[Record] = []
+        window: deque[tuple[list[Record], asyncio.Task]] = deque()  # oldest first
         try:
             while not stop.is_set():
                 records, received_at = await self.next_batch()
                 if not records:
                     continue
                 replies, letters = await self.prepare(records, received_at)
-                if delivering is not None and not await delivering:
-                    # The previous batch gave up and rewound its partitions; this one goes back with it
-                    # (fetched before or after that rewind, it is read again either way).
-                    self._rewind(previous + records)
-                    delivering = None
-                    continue
-                previous = records
-                delivering = asyncio.create_task(self.finish(records, replies, letters, stop))
+                before = window[-1][1] if window else None
+                window.append((records, asyncio.create_task(self.finish(records, replies, letters, stop, before))))
+                while window and (len(window) > self.IN_FLIGHT or window[0][1].done()):
+                    oldest, task = window.popleft()
+                    if not await task:  # it gave up, so every later batch does (`finish` waits for the one before)
+                        dropped = oldest + [r for batch, _ in window for r in batch]
+                        await asyncio.gather(*(t for _, t in window))
+                        window.clear()
+                        self._rewind(dropped)
         finally:
-            if delivering is not None:
-                await delivering
+            await asyncio.gather(*(t for _, t in window))
 
     async def next_batch(self) -> tuple[list[Record], float]:
         """The next micro-batch (possibly empty) and when its first record was taken.
@@ -229,10 +234,14 @@ class GeneratorService:
         return replies, letters
 
     async def finish(self, records: list[Record], replies: list[tuple[Record, Message]], letters: list[Message],
-                     stop: asyncio.Event | None) -> bool:
-        """`handle`'s second half: deliver, then commit. False if the delivery gave up (the records were
-        rewound, to be read again)."""
-        if not await self._deliver(replies, letters, stop):
+                     stop: asyncio.Event | None, after: asyncio.Task | None = None) -> bool:
+        """`handle`'s second half: deliver, then commit once ``after`` (the batch before, if still in flight)
+        has committed. False if this delivery gave up (the records were rewound, to be read again) or the
+        batch before did (then nothing is committed; `run` rewinds)."""
+        delivered = await self._deliver(replies, letters, stop)
+        if after is not None and not await after:
+            return False
+        if not delivered:
             # Not committed: this worker (or the next owner of the partitions) reads the batch again.
             self._rewind(records)
             return False

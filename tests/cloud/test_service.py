@@ -143,15 +143,19 @@ async def test_a_batch_not_delivered_when_stopping_is_read_again(duet_checkpoint
     assert [r.value for r in again] == values
 
 
-async def test_a_batch_prepared_while_the_one_before_failed_is_read_again(duet_checkpoint, tiny_shared):
-    """`run` prepares batch n + 1 while batch n is delivered; when n gives up, n + 1 (already generated)
-    must not be sent or committed before n: both are read again, nothing is lost, commits never skip."""
+@pytest.mark.parametrize("batches, fail_after_s", [(2, 0.0), (3, 0.2)])
+async def test_batches_in_flight_behind_one_that_failed_are_read_again(duet_checkpoint, tiny_shared, batches,
+                                                                       fail_after_s):
+    """`run` prepares and sends later batches while earlier ones wait for their acknowledgements; when one
+    gives up, the batches behind it (already generated, perhaps sent) must not be committed before it:
+    all are read again, nothing is lost, commits never skip. A slow failure lets two batches queue behind."""
     class FailsOnce(MemoryBus):
         failures = 0
 
         async def send_many(self, messages):
             if self.failures:
                 self.failures -= 1
+                await asyncio.sleep(fail_after_s)
                 return [KafkaConnectionError()] * len(messages)
             return await super().send_many(messages)
 
@@ -166,20 +170,20 @@ async def test_a_batch_prepared_while_the_one_before_failed_is_read_again(duet_c
 
     service.consumer.commit = recorded
     bus.failures = 1  # the first batch's replies
-    values = requests(offline_test_sessions(tiny_shared)[:6], duet_checkpoint.spec)
+    values = requests(offline_test_sessions(tiny_shared)[:3 * batches], duet_checkpoint.spec)
     for value in values:
         await bus.send("duet.sessions", value, partition=0)
     stop = asyncio.Event()
     task = asyncio.create_task(service.run(stop))
     for _ in range(500):
-        if commits and commits[-1] == 6:
+        if commits and commits[-1] == 3 * batches:
             break
         await asyncio.sleep(0.01)
     stop.set()
     await asyncio.wait_for(task, 10)
-    assert commits == [3, 6]  # in order, and not before the failed batch was served
-    # Both batches were generated twice: the second one was ready when the first gave up.
-    assert service.stats.served == 12
+    assert commits == [3 * (k + 1) for k in range(batches)]  # in order, none before the failed batch was served
+    # Every batch was generated twice: the later ones were ready (in flight) when the first gave up.
+    assert service.stats.served == 2 * 3 * batches
     answered = {r.request_id for r in replies(bus)}
     assert answered == {protocol.decode(v).request_id for v in values}
 
