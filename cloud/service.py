@@ -153,9 +153,10 @@ class GeneratorService:
     async def run(self, stop: asyncio.Event) -> None:
         """Serve until ``stop`` is set; start() first.
 
-        Up to `IN_FLIGHT` batches are delivered while the next is prepared: waiting for the broker's
-        acknowledgements overlaps with fetching, checking and generating (measured on a backlog over the
-        embedded broker: with none in flight the worker spent half its time in that wait). Each batch is
+        After a full batch (a backlog), up to `IN_FLIGHT` batches are delivered while the next is prepared:
+        waiting for the broker's acknowledgements overlaps with fetching, checking and generating (measured
+        on a backlog over the embedded broker: with none in flight the worker spent half its time in that
+        wait). After a partial batch the worker waits for its delivery first, as the next batch fills. Each batch is
         committed only after the one before it: when a batch gives up, every batch after it is not
         committed either, and all of them are read again (their replies may then go out twice; devices drop
         the copies).
@@ -169,7 +170,10 @@ class GeneratorService:
                 replies, letters = await self.prepare(records, received_at)
                 before = window[-1][1] if window else None
                 window.append((records, asyncio.create_task(self.finish(records, replies, letters, stop, before))))
-                while window and (len(window) > self.IN_FLIGHT or window[0][1].done()):
+                # Only a full batch says more is waiting; after a partial one, waiting for its acknowledgements
+                # lets the next batch fill (taken at once it would be small, its fixed costs paid again).
+                keep = self.IN_FLIGHT if len(records) >= self.config.max_batch else 0
+                while window and (len(window) > keep or window[0][1].done()):
                     oldest, task = window.popleft()
                     if not await task:  # it gave up, so every later batch does (`finish` waits for the one before)
                         dropped = oldest + [r for batch, _ in window for r in batch]
