@@ -183,10 +183,12 @@ async def main(max_wait_ms: str) -> None:
         bus = KafkaBus(broker.bootstrap)
         await bus.start()
         topics = Topics()
-        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1, "echo-big.req": 4, "echo-big.rep": 1})
+        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1,
+                                 "echo-big.req": 4, "echo-big.rep": 1})
         # The echo workers and the cloud worker run in processes of their own, as deployed.
         workers = [
-            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep", "0"]),
+            subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep",
+                              "0"]),
             subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo-big.req",
                               "echo-big.rep", str(answer)]),
             subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "cloud", "--bootstrap", broker.bootstrap,

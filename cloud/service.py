@@ -156,10 +156,10 @@ class GeneratorService:
         After a full batch (a backlog), up to `IN_FLIGHT` batches are delivered while the next is prepared:
         waiting for the broker's acknowledgements overlaps with fetching, checking and generating (measured
         on a backlog over the embedded broker: with none in flight the worker spent half its time in that
-        wait). After a partial batch the worker waits for its delivery first, as the next batch fills. Each batch is
-        committed only after the one before it: when a batch gives up, every batch after it is not
-        committed either, and all of them are read again (their replies may then go out twice; devices drop
-        the copies).
+        wait). After a partial batch the worker waits for its delivery first, as the next batch fills.
+        Each batch is committed only after the one before it: when a batch gives up, every batch after it
+        is not committed either, and all of them are read again (their replies may then go out twice;
+        devices drop the copies).
         """
         window: deque[tuple[list[Record], asyncio.Task]] = deque()  # oldest first
         try:

@@ -10,7 +10,6 @@ preparation and the `ModelSpec` both sides check messages against.
 from __future__ import annotations
 
 import functools
-
 import hashlib
 import json
 from dataclasses import asdict, dataclass
