@@ -106,7 +106,7 @@ def session_batches(prepared: Prepared, batch_size: int, rng: np.random.Generato
     # A batch ends with the session in which its batch_size-th sample falls.
     last = (np.cumsum(ends[order] - starts[order]) - 1) // batch_size
     cuts = np.cumsum(np.bincount(last, weights=ends[order] - starts[order]).astype(np.int64))[:-1]
-    return np.split(samples, cuts)
+    return [batch for batch in np.split(samples, cuts) if len(batch)]  # smaller than a session: one each
 
 
 def session_rows(batch: Samples) -> torch.Tensor:

@@ -50,6 +50,18 @@ def test_session_batches_hold_whole_sessions_once_each(tiny):
     assert np.mean([len(b) for b in batches[:-1]]) == pytest.approx(16, abs=5)
 
 
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_batches_smaller_than_a_session_hold_one_session_each(tiny, batch_size):
+    """A batch ends with a whole session, so below a session's length each holds one: never an empty one
+    (an empty batch once stopped training with a reshape error at `--batch-size 1`)."""
+    from duet_bus.train import session_batches
+
+    batches = session_batches(tiny, batch_size, np.random.default_rng(0))
+    key = tiny.train_user * 10_000 + tiny.train_session_start
+    assert all(len(np.unique(key[index])) == 1 for index in batches)
+    assert np.array_equal(np.sort(np.concatenate(batches)), np.arange(len(tiny.train_user)))
+
+
 @pytest.mark.parametrize("backbone", BACKBONES)
 def test_a_batch_of_sessions_scores_as_sample_by_sample(tiny, backbone):
     """Training's session layout (real-time clicks encoded, layers generated and applied once per session)
