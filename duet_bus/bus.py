@@ -239,44 +239,48 @@ class KafkaBus:
         Messages to a named partition go out as one record batch per partition (`_send_batches`); the
         others (keyed, placed by the producer's partitioner) one by one.
         """
-        out: list[BaseException | None] = [None] * len(messages)
-        waits: list[tuple[asyncio.Future, list[int]]] = []  # an acknowledgement and the messages it covers
+        sent: list[tuple[asyncio.Future | BaseException, list[int]]] = []  # an acknowledgement, the messages
         by_partition: dict[tuple[str, int], list[int]] = {}
         for i, (topic, value, key, partition) in enumerate(messages):
             if partition is not None:
                 by_partition.setdefault((topic, partition), []).append(i)
                 continue
             try:
-                waits.append((await self._producer.send(topic, value, key=key), [i]))
+                sent.append((await self._producer.send(topic, value, key=key), [i]))
             except Exception as exc:  # refused before it left (too large, ...)
-                out[i] = exc
+                sent.append((exc, [i]))
         for (topic, partition), indices in by_partition.items():
-            await self._send_batches(topic, partition, [messages[i] for i in indices], indices, out, waits)
-        results = await asyncio.gather(*(future for future, _ in waits), return_exceptions=True)
-        for (_, covered), result in zip(waits, results):
+            sent += await self._send_batches(topic, partition, [(i, messages[i][1], messages[i][2]) for i in indices])
+        acks = iter(await asyncio.gather(*(f for f, _ in sent if not isinstance(f, BaseException)),
+                                         return_exceptions=True))
+        out: list[BaseException | None] = [None] * len(messages)
+        for future, covered in sent:
+            result = future if isinstance(future, BaseException) else next(acks)
             if isinstance(result, BaseException):
                 for i in covered:
                     out[i] = result
         return out
 
-    async def _send_batches(self, topic: str, partition: int, messages: list, indices: list[int],
-                            out: list[BaseException | None], waits: list) -> None:
-        """Messages to one partition as few record batches as fit (aiokafka's `send` costs about 10 us a
-        message in Python; appending to a batch is one C call). The broker acknowledges, or refuses, a
-        record batch as a whole, which is also what happens to messages that `send` put in one batch."""
+    async def _send_batches(self, topic: str, partition: int, items: list[tuple[int, bytes, bytes | None]]
+                            ) -> list[tuple[asyncio.Future | BaseException, list[int]]]:
+        """Messages ``(index, value, key)`` to one partition as few record batches as fit, each with the
+        indices it holds (aiokafka's `send` costs about 10 us a message in Python; appending to a batch is
+        one C call). The broker acknowledges, or refuses, a record batch as a whole, which is also what
+        happens to messages that `send` put in one batch."""
+        sent: list[tuple[asyncio.Future | BaseException, list[int]]] = []
         batch, members = self._producer.create_batch(), []
 
         async def submit() -> None:
             try:
-                waits.append((await self._producer.send_batch(batch, topic, partition=partition), members))
+                sent.append((await self._producer.send_batch(batch, topic, partition=partition), members))
             except Exception as exc:  # an unknown partition, a closed producer: every message of the batch
-                for m in members:
-                    out[m] = exc
+                sent.append((exc, members))
 
-        for (_, value, key, _), i in zip(messages, indices):
+        for i, value, key in items:
             size = len(value or b"") + len(key or b"")
             if size > self._max_request_size:
-                out[i] = MessageSizeTooLargeError(f"{size} bytes exceed max_request_size {self._max_request_size}")
+                sent.append((MessageSizeTooLargeError(f"{size} bytes exceed max_request_size "
+                                                      f"{self._max_request_size}"), [i]))
                 continue
             if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start the next
                 await submit()
@@ -285,6 +289,7 @@ class KafkaBus:
             members.append(i)
         if members:
             await submit()
+        return sent
 
     def group_consumer(self, topics: list[str], group_id: str) -> Consumer:
         return _KafkaConsumer(self, topics=topics, group_id=group_id)

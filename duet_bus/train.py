@@ -104,9 +104,10 @@ def session_batches(prepared: Prepared, batch_size: int, rng: np.random.Generato
     order = rng.permutation(len(starts))
     samples = np.concatenate([np.arange(starts[s], ends[s]) for s in order])
     # A batch ends with the session in which its batch_size-th sample falls.
+    # A session longer than batch_size skips batch numbers; those hold nothing and are not batches.
     last = (np.cumsum(ends[order] - starts[order]) - 1) // batch_size
-    cuts = np.cumsum(np.bincount(last, weights=ends[order] - starts[order]).astype(np.int64))[:-1]
-    return [batch for batch in np.split(samples, cuts) if len(batch)]  # smaller than a session: one each
+    sizes = np.bincount(last, weights=ends[order] - starts[order]).astype(np.int64)
+    return np.split(samples, np.cumsum(sizes[sizes > 0])[:-1])
 
 
 def session_rows(batch: Samples) -> torch.Tensor:
