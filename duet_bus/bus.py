@@ -156,11 +156,16 @@ class KafkaBus:
     loses its partitions after about 6 s, and a new worker is taken in at the
     members' next heartbeat.
 
-    The producer batches up to 1 MiB per partition (aiokafka's default is
-    16 KiB, which holds one fp32 ``WeightsReady`` of a 64x128 layer at most):
-    a cloud batch of 256 replies to one reply partition then goes out in a
-    few requests instead of 256 (measured: 3x the worker's sessions/s).
+    The producer's record batches hold up to `MAX_BATCH_BYTES` per partition, as much as one message may
+    be (``protocol.MAX_MESSAGE_BYTES``, so a broker that takes the largest message takes any batch).
+    aiokafka keeps one produce request in flight per broker, holding at most one batch per partition, so
+    the batch size is what one round trip moves to a partition. Measured on a cloud worker's backlog (256
+    GRU4Rec replies, 2.25 MB, all to one reply partition): aiokafka's default 16 KiB batches held one
+    reply per request; 1 MiB batches made three requests and tripled sessions/s, but their
+    acknowledgements were still the worker's limit; 4 MiB batches make one (`make bench-bus`).
     """
+
+    MAX_BATCH_BYTES = 4 * 1024 * 1024
 
     def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
                  security: Security | None = None, session_timeout_ms: int = 6000,
@@ -178,7 +183,7 @@ class KafkaBus:
     async def start(self) -> None:
         producer = AIOKafkaProducer(
             bootstrap_servers=self.bootstrap, client_id=self.client_id, acks="all", linger_ms=0,
-            max_request_size=self._max_request_size, max_batch_size=1024 * 1024, **self.security,
+            max_request_size=self._max_request_size, max_batch_size=self.MAX_BATCH_BYTES, **self.security,
         )
         async with self._reaching():
             try:

@@ -140,3 +140,31 @@ async def test_consumer_lag_counts_what_is_fetched_but_not_consumed(kafka_bus, k
         assert await consumer.lag() == 7
     finally:
         await consumer.stop()
+
+
+async def test_a_cloud_batch_of_replies_to_one_partition_is_one_record_batch(kafka_bus, kafka_topics, monkeypatch):
+    # aiokafka keeps one produce request in flight per broker, with at most one record batch per partition:
+    # a worker's 256 GRU4Rec-sized replies (8.8 kB each) in 1 MiB batches took three round trips.
+    topic = kafka_topics.weights
+    await kafka_bus.ensure_topics({topic: 1})
+    batches = []
+    send_batch = kafka_bus._producer.send_batch
+
+    async def counted(batch, *args, **kwargs):
+        batches.append(batch.record_count())
+        return await send_batch(batch, *args, **kwargs)
+
+    monkeypatch.setattr(kafka_bus._producer, "send_batch", counted)
+    values = [i.to_bytes(4, "big") * 2206 for i in range(256)]
+    assert await kafka_bus.send_many([(topic, v, b"device", 0) for v in values]) == [None] * 256
+    assert batches == [256]
+    consumer = kafka_bus.partition_consumer(topic, 0, from_start=True)
+    await consumer.start()
+    try:
+        taken: list = []
+        deadline = time.monotonic() + 20
+        while len(taken) < 256 and time.monotonic() < deadline:
+            taken += await consumer.getmany(timeout_ms=200, max_records=256)
+        assert [r.value for r in taken] == values
+    finally:
+        await consumer.stop()
