@@ -14,6 +14,9 @@ On one embedded broker, prints:
   the cloud worker (receive to send: batch wait, validation, generation,
   encoding);
 - both at 1, 10 and 100 sessions in flight, and the ratio session / echo;
+- all of it twice, each on a fresh broker: with float32 replies (the
+  default) and with float16 ones (half the bytes; `--weight-encoding
+  float16`);
 - sessions per second of one cloud worker draining a backlog.
 
 Absolute times are this machine's; the ratios are what to compare.
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import signal
 import subprocess
 import sys
@@ -48,7 +52,9 @@ from duet_bus.data.streams import offline_test_sessions
 from duet_bus.models import ModelConfig, PPGConfig, build_model
 
 LEVELS = (1, 10, 100)
+ENCODINGS = ("float32", "float16")  # the default, and the half-size replies
 SESSIONS_PER_LEVEL = 300
+MIN_ROUNDS = 20  # at 100 in flight 300 sessions were 3 bursts, and the p50 of 3 bursts moved 34-81 ms between runs
 BACKLOG = 20000  # about 2 s of one worker: long enough to average the machine's noise
 
 
@@ -100,7 +106,7 @@ async def echo_round_trips(bus: KafkaBus, req: str, rep: str, payload: bytes, le
     task = asyncio.create_task(receive())
     await one()  # warm-up (the echo worker may still be joining its group)
     out: list[float] = []
-    while len(out) < SESSIONS_PER_LEVEL:
+    while len(out) < max(SESSIONS_PER_LEVEL, MIN_ROUNDS * level):
         out += await asyncio.gather(*(one() for _ in range(level)))
     stop.set()
     await task
@@ -113,7 +119,7 @@ async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> tup
     out: list[float] = []
     cloud: list[float] = []
     i = 0
-    while len(out) < SESSIONS_PER_LEVEL:
+    while len(out) < max(SESSIONS_PER_LEVEL, MIN_ROUNDS * level):
         batch = [(agents[(i + j) % len(agents)], sessions[(i + j) % len(sessions)]) for j in range(level)]
         i += level
         reports = await asyncio.gather(*(fleet.run(a, s) for a, s in batch))
@@ -161,38 +167,36 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def main(max_wait_ms: str) -> None:
+def request_payload(ckpt: Checkpoint, sessions) -> bytes:
+    """A session-start request of this model: what the echoes send."""
+    return protocol.encode(protocol.SessionStart("s", protocol.new_request_id(), "d", ckpt.model_version,
+                                                 sessions[0].realtime, "w", 0, 0.0))
+
+
+async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
+                drain: bool) -> tuple[list[list[str]], float | None]:
+    """One encoding's rows (and, if ``drain``, the backlog drain) on a broker of its own, in a process of its own
+    (`main` runs each phase as a child): a second phase in the same process measured slower, whatever its
+    encoding and even on a fresh broker (100 in flight: 59-66 ms against 33-45 ms in the first)."""
     prepared = prepare(load_dataset("ml-100k"), seed=0)
-    ckpt = untrained_checkpoint(prepared)
     sessions = offline_test_sessions(prepared)
-    payload = protocol.encode(protocol.SessionStart("s", protocol.new_request_id(), "d", ckpt.model_version,
-                                                           sessions[0].realtime, "w", 0, 0.0))
-    # What a session's answer weighs: a float32 WeightsReady of this model.
-    answer = len(protocol.encode(protocol.WeightsReady(
-        "s", protocol.new_request_id(), sessions[0].device_id, ckpt.model_version, "duet",
-        [(w.numpy(), b.numpy()) for w, b in ckpt.global_layers], 0.0, 0.0, 0.0, 1), "float32"))
-    table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms}; "
-                        f"request {len(payload)} B, reply {answer} B)")
-    for col in ("in flight", "echo p50", "echo p99", "echo, reply-sized answers p50", "session p50", "session p99",
-                "of it in cloud p50", "session / echo p50", "session / reply-sized echo p50"):
-        table.add_column(col, justify="right")
-    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "duet.pt"
-        checkpoint.save(path, ckpt.model, prepared)
-        ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(path)
+    payload = request_payload(ckpt, sessions)
+    rows = []
+    with EmbeddedBroker() as broker:
         bus = KafkaBus(broker.bootstrap)
         await bus.start()
         topics = Topics()
-        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1,
-                                 "echo-big.req": 4, "echo-big.rep": 1})
+        await bus.ensure_topics({**topics.all(), "echo.req": 4, "echo.rep": 1, "echo-big.req": 4, "echo-big.rep": 1})
         # The echo workers and the cloud worker run in processes of their own, as deployed.
         workers = [
             subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo.req", "echo.rep",
                               "0"]),
             subprocess.Popen([sys.executable, __file__, "--echo-server", broker.bootstrap, "echo-big.req",
-                              "echo-big.rep", str(answer)]),
+                              "echo-big.rep", str(answer_bytes)]),
             subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "cloud", "--bootstrap", broker.bootstrap,
-                              "--checkpoint", str(path), "--max-wait-ms", max_wait_ms], stdout=subprocess.DEVNULL),
+                              "--checkpoint", str(path), "--max-wait-ms", max_wait_ms, "--weight-encoding", encoding],
+                             stdout=subprocess.DEVNULL),
         ]
         fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=60, publish_reports=False))
         await fleet.start()
@@ -203,27 +207,63 @@ async def main(max_wait_ms: str) -> None:
                 echo = await echo_round_trips(bus, "echo.req", "echo.rep", payload, level)
                 big = await echo_round_trips(bus, "echo-big.req", "echo-big.rep", payload, level)
                 session, cloud = await session_round_trips(fleet, agents, sessions, level)
-                table.add_row(str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}", f"{pct(big, 50):.2f}",
-                              f"{pct(session, 50):.2f}", f"{pct(session, 99):.2f}", f"{pct(cloud, 50):.2f}",
-                              f"{pct(session, 50) / pct(echo, 50):.2f}x", f"{pct(session, 50) / pct(big, 50):.2f}x")
+                rows.append([encoding, str(level), f"{pct(echo, 50):.2f}", f"{pct(echo, 99):.2f}",
+                             f"{pct(big, 50):.2f}", f"{pct(session, 50):.2f}", f"{pct(session, 99):.2f}",
+                             f"{pct(cloud, 50):.2f}", f"{pct(session, 50) / pct(echo, 50):.2f}x",
+                             f"{pct(session, 50) / pct(big, 50):.2f}x"])
         finally:
             await fleet.stop()
             for worker in workers:
                 worker.terminate()
                 worker.wait(timeout=30)
         try:
-            rate = await worker_throughput(bus, ckpt, sessions, float(max_wait_ms))
+            rate = await worker_throughput(bus, ckpt, sessions, float(max_wait_ms)) if drain else None
         finally:
             await bus.stop()
-    console = Console(width=160)
+    return rows, rate
+
+
+async def main(max_wait_ms: str) -> None:
+    prepared = prepare(load_dataset("ml-100k"), seed=0)
+    ckpt = untrained_checkpoint(prepared)
+    sessions = offline_test_sessions(prepared)
+    payload = request_payload(ckpt, sessions)
+    # What a session's answer weighs in each encoding: a WeightsReady of this model.
+    answers = {encoding: len(protocol.encode(protocol.WeightsReady(
+        "s", protocol.new_request_id(), sessions[0].device_id, ckpt.model_version, "duet",
+        [(w.numpy(), b.numpy()) for w, b in ckpt.global_layers], 0.0, 0.0, 0.0, 1), encoding))
+        for encoding in ENCODINGS}
+    table = Table(title=f"Round trips on the embedded broker (ms, this machine; cloud --max-wait-ms {max_wait_ms}; "
+                        f"request {len(payload)} B, reply " + ", ".join(f"{n} B in {e}" for e, n in answers.items())
+                        + ")")
+    for col in ("replies", "in flight", "echo p50", "echo p99", "echo, reply-sized answers p50", "session p50",
+                "session p99", "of it in cloud p50", "session / echo p50", "session / reply-sized echo p50"):
+        table.add_column(col, justify="right")
+    rate = None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "duet.pt"
+        checkpoint.save(path, ckpt.model, prepared)
+        for encoding in ENCODINGS:
+            drain = encoding == "float32"
+            out = subprocess.run([sys.executable, __file__, "--phase", encoding, str(path), str(answers[encoding]),
+                                  max_wait_ms, str(int(drain))], check=True, stdout=subprocess.PIPE, text=True)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            rate = rate or result["rate"]
+            for row in result["rows"]:
+                table.add_row(*row)
+    console = Console(width=200)
     console.print(table)
     console.print(f"one cloud worker drains a backlog of {BACKLOG} sessions at {rate:.0f} sessions/s "
-                  f"(GRU4Rec DUET N_p=5, micro-batches up to 256)")
+                  f"(GRU4Rec DUET N_p=5, float32 replies, micro-batches up to 256)")
 
 
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--echo-server":
         asyncio.run(echo_server(*sys.argv[2:5], int(sys.argv[5])))
+    elif len(sys.argv) == 7 and sys.argv[1] == "--phase":
+        encoding, ckpt_path, answer, wait, drain = sys.argv[2:]
+        rows, rate = asyncio.run(phase(encoding, Path(ckpt_path), int(answer), wait, drain == "1"))
+        print(json.dumps({"rows": rows, "rate": rate}))
     else:
         parser = argparse.ArgumentParser(description="session round trip against a raw broker echo")
         parser.add_argument("--max-wait-ms", default="0", help="the cloud worker's micro-batch wait (ms)")
