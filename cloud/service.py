@@ -340,6 +340,9 @@ class GeneratorService:
                     retry.append((message, source))
                 elif source is not None:
                     reason = f"reply_partition: the broker refused the reply to {message[0]}[{message[3]}] ({_name(error)})"
+                    if _name(error) == "MessageSizeTooLargeError":  # the cluster's limit, not the request's fault
+                        reason += (f"; the broker must take record batches of {protocol.MAX_MESSAGE_BYTES >> 20} MiB "
+                                   f"and their framing (Kafka: message.max.bytes, 1 MiB by default)")
                     retry.append((self._dead_letter(source, reason), None))
                 else:
                     log.error("a dead letter to %s was refused for good (%s); dropped", message[0], _name(error))

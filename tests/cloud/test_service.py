@@ -98,7 +98,8 @@ async def test_a_reply_refused_for_good_dead_letters_its_request(duet_checkpoint
     await service.handle(await take(service, bus, requests(offline_test_sessions(tiny_shared)[:2],
                                                            duet_checkpoint.spec)))
     assert [letter.reason for letter in letters(bus)] == [
-        "reply_partition: the broker refused the reply to duet.weights[0] (MessageSizeTooLargeError)"] * 2
+        "reply_partition: the broker refused the reply to duet.weights[0] (MessageSizeTooLargeError); the broker "
+        "must take record batches of 4 MiB and their framing (Kafka: message.max.bytes, 1 MiB by default)"] * 2
     assert await service.consumer.lag() == 0
 
 
