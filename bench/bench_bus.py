@@ -239,7 +239,7 @@ async def main(max_wait_ms: str) -> None:
     for col in ("replies", "in flight", "echo p50", "echo p99", "echo, reply-sized answers p50", "session p50",
                 "session p99", "of it in cloud p50", "session / echo p50", "session / reply-sized echo p50"):
         table.add_column(col, justify="right")
-    rate = None
+    rate = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "duet.pt"
         checkpoint.save(path, ckpt.model, prepared)
@@ -248,7 +248,8 @@ async def main(max_wait_ms: str) -> None:
             out = subprocess.run([sys.executable, __file__, "--phase", encoding, str(path), str(answers[encoding]),
                                   max_wait_ms, str(int(drain))], check=True, stdout=subprocess.PIPE, text=True)
             result = json.loads(out.stdout.strip().splitlines()[-1])
-            rate = rate or result["rate"]
+            if drain:
+                rate = result["rate"]
             for row in result["rows"]:
                 table.add_row(*row)
     console = Console(width=200)

@@ -32,6 +32,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, KafkaTimeoutError, MessageSizeTooLargeError, TopicAlreadyExistsError
 
 from duet_bus.errors import ConfigError, DuetError
+from duet_bus.protocol import MAX_MESSAGE_BYTES
 
 log = logging.getLogger("duet.bus")
 
@@ -157,7 +158,7 @@ class KafkaBus:
     members' next heartbeat.
 
     The producer's record batches hold up to `MAX_BATCH_BYTES` per partition, as much as one message may
-    be (``protocol.MAX_MESSAGE_BYTES``, so a broker that takes the largest message takes any batch).
+    be (so a broker that takes the largest message takes any batch).
     aiokafka keeps one produce request in flight per broker, holding at most one batch per partition, so
     the batch size is what one round trip moves to a partition. Measured on a cloud worker's backlog (256
     GRU4Rec replies, 2.25 MB, all to one reply partition): aiokafka's default 16 KiB batches held one
@@ -165,7 +166,7 @@ class KafkaBus:
     acknowledgements were still the worker's limit; 4 MiB batches make one (`make bench-bus`).
     """
 
-    MAX_BATCH_BYTES = 4 * 1024 * 1024
+    MAX_BATCH_BYTES = MAX_MESSAGE_BYTES
 
     def __init__(self, bootstrap: str, client_id: str = "duet-bus", fetch_max_wait_ms: int = 5,
                  security: Security | None = None, session_timeout_ms: int = 6000,
