@@ -18,6 +18,12 @@ Prints, in one run:
   of the same run with one device (data, models, imports, bus and report all
   loaded), divided by the extra devices.
 
+Beside each run's rate: the cores its process kept busy (its CPU time over
+the run and report, divided by their wall time; the embedded broker, a
+process of its own, not counted). A runner that stays at one core is bound
+by its own Python under the GIL: its device batches are many small torch
+operations, each taking the GIL between kernels.
+
 Every measurement runs in a fresh child process so that peak RSS is its own.
 Checkpoints are trained once (1 epoch; accuracy is not what this measures)
 and cached in a temporary folder. Run: `make bench-runner` (about 20 minutes).
@@ -64,11 +70,13 @@ def child(kind: str, devices: int, duration: str, batched: bool, folder: str, th
     scenario = parse_scenario(doc)
     prepared = prepare_data(scenario)
     checkpoints = load_checkpoints(scenario, prepared)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), os.times()
     result, _ = run_scenario(scenario, prepared, checkpoints)
-    wall = time.perf_counter() - start
+    wall, cpu_end = time.perf_counter() - start, os.times()
+    # This process's CPU over the run and its report (the embedded broker, a child, not counted): cores busy.
+    busy = (cpu_end.user - cpu.user + cpu_end.system - cpu.system) / wall
     return {"rss_mb": _rss_mb(), "sessions": result["run"]["sessions"], "wall_s": wall,
-            "run_wall_s": result["run"]["wall_s"]}
+            "run_wall_s": result["run"]["wall_s"], "cores": busy}
 
 
 def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str, threads: int = 0) -> dict:
@@ -104,7 +112,7 @@ def main() -> None:
 
         table = Table(title="Simulated sessions per wall second (GRU4Rec, 4 methods; the run's own wall time)")
         for col in ("Devices", "Virtual", "Bus", "Device side", "Sessions", "Wall s", "Sessions / s",
-                    "vs one at a time"):
+                    "vs one at a time", "Runner's cores busy"):
             table.add_column(col, justify="right")
         for devices, duration in ((200, "3h"), (10_000, "15m")):
             for kind in ("memory", "kafka"):
@@ -115,7 +123,7 @@ def main() -> None:
                     table.add_row(f"{devices:,}", duration, "in-process" if kind == "memory" else "Kafka (Tansu)",
                                   "batched" if batched else "one at a time", f"{r['sessions']:,}",
                                   f"{r['run_wall_s']:.1f}", f"{rates[batched]:,.0f}",
-                                  f"{rates[batched] / rates[False]:.1f}x")
+                                  f"{rates[batched] / rates[False]:.1f}x", f"{r['cores']:.2f}")
         console.print(table)
 
         cores = os.cpu_count() or 1
