@@ -101,7 +101,8 @@ class _TowerScored(Backbone):
             return self.target_tower(self.item_emb(targets))
         # index_select over the flat ids, not `table[targets]`: the same rows, copied 7x as fast (torch's
         # advanced indexing of a (B, K) index was 40 % of a device batch's scoring forward).
-        return self._every_target().index_select(0, targets.reshape(-1)).view(*targets.shape, -1)
+        table = self._every_target()
+        return table.index_select(0, targets.reshape(-1)).view(*targets.shape, table.size(-1))
 
     def _every_target(self) -> Tensor:
         """The target tower of every item, ``(n_items + 1, dim)``: in inference the tower is a function of the
