@@ -56,6 +56,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                      help="let gradients flow through the SWA weights p (default: p is detached)")
     swa.add_argument("--swa-joint-p", action="store_true",
                      help="one SWA p for all dynamic layers (default: one p per layer)")
+    swa.add_argument("--generator-hidden", type=int, default=32,
+                     help="h of each generator (a generated layer is H W2 with H in x h): its size and cost")
 
 
 def _eval_config(args: argparse.Namespace):
@@ -63,8 +65,9 @@ def _eval_config(args: argparse.Namespace):
     from duet_bus.models import PPGConfig
     from duet_bus.tasks import task_for
 
-    if args.seeds < 1:
-        raise DuetError(f"--seeds: must be a positive integer, got {args.seeds}")
+    for flag, value in (("--seeds", args.seeds), ("--np", args.n_generators), ("--generator-hidden", args.generator_hidden)):
+        if value < 1:
+            raise DuetError(f"{flag}: must be a positive integer, got {value}")
     task = task_for(args.dataset)
     given = {"epochs": args.epochs, "patience": args.patience, "batch_size": args.batch_size, "lr": args.lr}
     train = replace(task.default_train(), gamma=args.gamma, **{k: v for k, v in given.items() if v is not None})
@@ -77,7 +80,7 @@ def _eval_config(args: argparse.Namespace):
         prep=task.prep_from_args(args),
         train=train,
         swa=PPGConfig(n_generators=args.n_generators, tau=args.tau, detach_p=not args.swa_p_grad,
-                      p_per_layer=not args.swa_joint_p),
+                      p_per_layer=not args.swa_joint_p, hidden_dim=args.generator_hidden),
         width=args.width,
         small_input=args.small_input,
     )

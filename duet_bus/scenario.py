@@ -91,6 +91,7 @@ class Scenario:
     small_input: bool  # vision backbones: stride 1 in the stem
     n_generators: int
     tau: float
+    generator_hidden: int  # h of each generator: a generated layer is H W2, H in x h
     methods: tuple[str, ...]
     finetune_steps: int
     finetune_lr: float
@@ -148,7 +149,8 @@ class Scenario:
                                             patience=patience),
                           finetune=FinetuneConfig(steps=self.finetune_steps, lr=self.finetune_lr,
                                                   recent=self.finetune_recent),
-                          swa=PPGConfig(n_generators=self.n_generators, tau=self.tau), width=self.width,
+                          swa=PPGConfig(n_generators=self.n_generators, tau=self.tau,
+                                        hidden_dim=self.generator_hidden), width=self.width,
                           small_input=self.small_input)
 
 
@@ -370,7 +372,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
             r.fail(f"model.checkpoints.{key}", f"must be a file path, got {_show(value)}")
         else:
             _check_file(r, f"model.checkpoints.{key}", value)
-    swa = r.section(model.get("swa"), "model.swa", ("generators", "tau"))
+    swa = r.section(model.get("swa"), "model.swa", ("generators", "tau", "hidden"))
 
     methods = top.get("methods", ["base", "finetune", "duet_no_swa", "duet"])
     if not isinstance(methods, list) or not methods:
@@ -454,6 +456,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         small_input=r.get(model, "model", "small_input", "bool", False),
         n_generators=r.get(swa, "model.swa", "generators", "int", 5, min=1),
         tau=r.get(swa, "model.swa", "tau", "float", 0.1, gt=0),
+        generator_hidden=r.get(swa, "model.swa", "hidden", "int", 32, min=1),
         methods=tuple(methods),
         finetune_steps=r.get(ft, "finetune", "steps", "int", 10, min=1),
         finetune_lr=r.get(ft, "finetune", "lr", "float", 1e-3, gt=0),

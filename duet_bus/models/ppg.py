@@ -74,6 +74,10 @@ class LayerGenerator(nn.Module):
     def mixed(self, p: Tensor) -> tuple[Tensor, ...]:
         return tuple(mix(getattr(self, name), p) for name in self.PARTS)
 
+    def only(self) -> tuple[Tensor, ...]:
+        """The one generator of a bank of one: what `mixed` gives it, to the bit (its ``p`` is exactly 1)."""
+        return tuple(getattr(self, name)[0] for name in self.PARTS)
+
     def forward(self, e: Tensor, params: tuple[Tensor, ...], factored: bool = False) -> tuple[Tensor, ...]:
         w1, b1, w2, b2, wb, bb = params
         h = torch.addmm(b1, e, w1).view(e.size(0), self.fan_in, self.hidden)
@@ -111,6 +115,10 @@ class PPG(nn.Module):
         return super().train(mode)
 
     def _mixed_generators(self) -> list[tuple[Tensor, ...]]:
+        if self.config.n_generators == 1:
+            # SWA over one generator: p = softmax of one number = 1 exactly, and 1 * w = w (a gradient through
+            # p would be 0). So skip forming S and the mixture, and their backward passes.
+            return [g.only() for g in self.generators]
         if self.training or torch.is_grad_enabled():
             return [g.mixed(p) for g, p in zip(self.generators, self.swa_p())]
         # Serving: the mixture depends on parameters only; recompute it only

@@ -43,11 +43,15 @@ def test_finetune_moves_only_the_classifier_and_restores_it(tiny):
 def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = main(["evaluate", "--data-path", str(udata), "--backbone", "din", "--seeds", "1", "--epochs", "1",
-                 "--methods", "base,duet", "--eval-negatives", "20", "--history-len", "5", "--out", str(out)])
+                 "--methods", "base,duet", "--eval-negatives", "20", "--history-len", "5", "--generator-hidden", "8",
+                 "--out", str(out)])
     assert code == 0
-    assert set(json.loads(out.read_text())["methods"]) == {"base", "duet"}
+    doc = json.loads(out.read_text())
+    assert set(doc["methods"]) == {"base", "duet"} and doc["config"]["swa"]["hidden_dim"] == 8
     assert main(["evaluate", "--data-path", str(tmp_path / "missing.data"), "--seeds", "1"]) == 2
     assert "no such file" in capsys.readouterr().err
+    assert main(["evaluate", "--generator-hidden", "0"]) == 2
+    assert "--generator-hidden: must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_flops_count_the_transformer_layer(tiny):

@@ -174,6 +174,26 @@ def test_swa_weights_are_a_tempered_softmax_of_similarity_row_sums():
     assert torch.allclose(swa_weights(w[:1], 0.1, True), torch.ones(1))
 
 
+@pytest.mark.parametrize("detach_p", [True, False])
+def test_one_generator_is_used_as_it_is_the_same_to_the_bit_as_mixing_it(detach_p):
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="din", ppg=PPGConfig(n_generators=1, detach_p=detach_p)), 30, 5)
+    head = model.head
+    seq, lengths, targets = batch()
+    results = []
+    for mixed in (False, True):
+        if mixed:  # the general path: S, p and the p-weighted sum over a bank of one
+            head._mixed_generators = lambda: [g.mixed(p) for g, p in zip(head.generators, head.swa_p())]
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)  # the same dropout masks
+        logits = model(seq, lengths, seq, lengths, targets)
+        logits.sum().backward()
+        results.append((logits.detach(), [p.grad.clone() for p in head.parameters()]))
+    (logits, grads), (logits_mixed, grads_mixed) = results
+    assert torch.equal(logits, logits_mixed)
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_mixed))
+
+
 def test_detached_p_blocks_gradient_through_the_mixing_weights():
     w = torch.randn(3, 4, requires_grad=True)
     p = swa_weights(w, 0.1, detach=True)

@@ -35,6 +35,7 @@ def test_every_problem_is_reported_with_its_path():
         "name": "t", "duration": "soon", "devices": {"count": -3, "colour": "red", "network": {"6g": 1}},
         "methods": ["base", "magic"], "shifts": [{"kind": "earthquake", "at": "1h"}, {"kind": "handover"}],
         "cloud": {"weight_encoding": "float8"}, "data": {"holdout": 1.5}, "torch_threads": 0,
+        "model": {"swa": {"hidden": 0}},
     })
     text = "\n".join(found)
     for expected in (
@@ -48,8 +49,15 @@ def test_every_problem_is_reported_with_its_path():
         "data.holdout: must be less than 1, got 1.5",
         "duration: must be a duration",
         "torch_threads: must be a positive integer, got 0",
+        "model.swa.hidden: must be a positive integer, got 0",
     ):
         assert expected in text, f"{expected!r} not in\n{text}"
+
+
+def test_the_generator_size_reaches_the_training_recipe():
+    assert parse_scenario(minimal()).eval_config().swa.hidden_dim == 32
+    scenario = parse_scenario(minimal(model={"swa": {"generators": 3, "hidden": 16}}))
+    assert (scenario.eval_config().swa.n_generators, scenario.eval_config().swa.hidden_dim) == (3, 16)
 
 
 def test_shift_parameters_and_times_are_checked():
