@@ -12,7 +12,9 @@ depend on their values):
   (`train.train_step` on `train.session_batches`, the default batch size; base and DUET steps
   alternate on the same batches, medians of 45 each); and, for comparison, DUET
   on random batches of the same size scored sample by sample (each sample encodes its real-time
-  clicks and generates its layers), against the same base epoch.
+  clicks and generates its layers), against the same base epoch;
+- for DIN, whose generator is the largest, the DUET epoch against base for generators of hidden size
+  h = 32 (the default) and 16, with N_p = 5 and 1 (`--generator-hidden`, `model.swa.hidden`).
 
 Medians of repeated runs; absolute times are for this machine only, the
 ratios are what to compare.  Run: `make bench` (or python bench/bench_model.py).
@@ -43,6 +45,39 @@ def median_ms(fn, repeat: int) -> float:
         fn()
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
+
+
+def epoch_seconds(models: list, prepared, train, config: TrainConfig, rng) -> list[float]:
+    """Each model's training epoch in seconds, from the median of its timed steps. The models' steps
+    alternate on the same batches, so machine noise falls on all alike."""
+    opts = [optimizer_for(model.train(), config) for model in models]
+    step_ms: list[list[float]] = [[] for _ in models]
+    for n, index in enumerate(session_batches(prepared, config.batch_size, rng)[:50]):
+        batch = train.take(index)
+        for k, model in enumerate(models):
+            start = time.perf_counter()
+            train_step(model, opts[k], batch)
+            if n >= 5:  # warm-up
+                step_ms[k].append((time.perf_counter() - start) * 1000)
+    steps_per_epoch = len(session_batches(prepared, config.batch_size, rng))
+    return [statistics.median(ms) * steps_per_epoch / 1000 for ms in step_ms]
+
+
+def generator_sizes(prepared, train, config: TrainConfig, rng) -> Table:
+    """DIN's DUET epoch against base for generators of hidden size h = 32 (the default) and 16, N_p = 5 and 1:
+    DIN's generated layers are the widest (64 -> 128 -> 64 -> 1), so its generator is the largest."""
+    table = Table(title="DIN: the generator's size against the training epoch (each against base, alternating)")
+    for col in ("N_p", "generator hidden h", "parameters", "epoch base (s)", "epoch DUET (s)", "ratio"):
+        table.add_column(col, justify="right")
+    for n_p in (5, 1):
+        for hidden in (32, 16):
+            base = build_model(ModelConfig(backbone="din"), prepared.n_items, 10)
+            duet = build_model(ModelConfig(backbone="din", ppg=PPGConfig(n_generators=n_p, hidden_dim=hidden)),
+                               prepared.n_items, 10)
+            epoch = epoch_seconds([base, duet], prepared, train, config, rng)
+            table.add_row(str(n_p), str(hidden), f"{sum(p.numel() for p in duet.parameters()):,}", f"{epoch[0]:.1f}",
+                          f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x")
+    return table
 
 
 def main() -> None:
@@ -76,17 +111,7 @@ def main() -> None:
         _, ft_ms = finetune_scores(base, prepared, FinetuneConfig(), seed=0)
         ft = float(np.median(ft_ms))
         row += [f"{ft:.2f}", f"{ft / gen_one:.0f}x"]
-        # Base and DUET steps alternate on the same batches, so machine noise falls on both alike.
-        opts = [optimizer_for(model.train(), config) for model in (base, duet)]
-        step_ms: list[list[float]] = [[], []]
-        for n, index in enumerate(session_batches(prepared, config.batch_size, rng)[:50]):
-            batch = train.take(index)
-            for k, model in enumerate((base, duet)):
-                start = time.perf_counter()
-                train_step(model, opts[k], batch)
-                if n >= 5:  # warm-up
-                    step_ms[k].append((time.perf_counter() - start) * 1000)
-        epoch = [statistics.median(ms) * steps_per_epoch / 1000 for ms in step_ms]
+        epoch = epoch_seconds([base, duet], prepared, train, config, rng)
         # What the session layout buys: the same DUET step on random batches, sample by sample.
         opt = optimizer_for(duet, config)
 
@@ -100,7 +125,9 @@ def main() -> None:
         epoch.append(median_ms(per_sample, 40) * steps_per_epoch / 1000)
         row += [f"{epoch[0]:.1f}", f"{epoch[1]:.1f}", f"{epoch[1] / epoch[0]:.2f}x", f"{epoch[2] / epoch[0]:.2f}x"]
         table.add_row(*row)
-    Console(width=200).print(table)
+    console = Console(width=200)
+    console.print(table)
+    console.print(generator_sizes(prepared, train, config, rng))
 
 
 if __name__ == "__main__":
