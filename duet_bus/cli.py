@@ -65,7 +65,8 @@ def _eval_config(args: argparse.Namespace):
     from duet_bus.models import PPGConfig
     from duet_bus.tasks import task_for
 
-    for flag, value in (("--seeds", args.seeds), ("--np", args.n_generators), ("--generator-hidden", args.generator_hidden)):
+    counts = (("--seeds", args.seeds), ("--np", args.n_generators), ("--generator-hidden", args.generator_hidden))
+    for flag, value in counts:
         if value < 1:
             raise DuetError(f"{flag}: must be a positive integer, got {value}")
     task = task_for(args.dataset)
