@@ -92,7 +92,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from duet_bus.report import table1
 
     config = _eval_config(args)
-    doc = evaluate(config, show_progress=console.is_terminal, cache_dir=args.cache)
+    # In a terminal the progress bars show the run; elsewhere (a log, CI) a line per seed as it finishes.
+    doc = evaluate(config, show_progress=console.is_terminal, cache_dir=args.cache,
+                   say=None if console.is_terminal else console.print)
     console.print(table1(doc))
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=2))

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,12 +81,14 @@ def summarize(values: list[float]) -> tuple[float, float]:
     return float(arr.mean()), float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
 
 
-def evaluate(config: EvalConfig, show_progress: bool = True, cache_dir: str | Path | None = None) -> dict:
+def evaluate(config: EvalConfig, show_progress: bool = True, cache_dir: str | Path | None = None,
+             say: Callable[[str], None] | None = None) -> dict:
     """Run every method for every seed; return the results document (see README).
 
     With ``cache_dir`` each seed's results are kept there as it finishes (keyed by everything that
     shapes them but the seed list), and a seed already there is read, not run again: a long
-    evaluation can be stopped and resumed, or extended by more seeds.
+    evaluation can be stopped and resumed, or extended by more seeds. ``say`` is told a line as each
+    seed finishes (where no progress bar shows, as in a log, it is all there is to see of a long run).
     """
     task = config.task
     results: list[tuple[int, SeedResult]] = []
@@ -92,17 +96,22 @@ def evaluate(config: EvalConfig, show_progress: bool = True, cache_dir: str | Pa
     if show_progress:
         progress.start()
     try:
-        for seed in config.seeds:
+        for n, seed in enumerate(config.seeds, 1):
+            begin = time.perf_counter()
             path = _seed_file(cache_dir, config, seed) if cache_dir is not None else None
             if path is not None and path.is_file():
-                result = SeedResult(**json.loads(path.read_text()))
+                result, took = SeedResult(**json.loads(path.read_text())), "read from the cache"
             else:
                 result = task.run_seed(config, seed, progress)
+                took = f"{time.perf_counter() - begin:.0f} s"
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.with_suffix(".tmp").write_text(json.dumps(asdict(result), default=float))
                     path.with_suffix(".tmp").replace(path)
             results.append((seed, result))
+            if say is not None:
+                scores = ", ".join(f"{m} {result.metrics[m][task.primary]:.4f}" for m in config.methods)
+                say(f"seed {seed} ({n} of {len(config.seeds)}, {took}): {task.primary} {scores}")
     finally:
         if show_progress:
             progress.stop()

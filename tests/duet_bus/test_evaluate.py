@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 
@@ -48,6 +49,9 @@ def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys)
     assert code == 0
     doc = json.loads(out.read_text())
     assert set(doc["methods"]) == {"base", "duet"} and doc["config"]["swa"]["hidden_dim"] == 8
+    # No terminal here: a line per seed as it finishes, with its scores, is what a log shows of the run.
+    auc = doc["methods"]["duet"]["per_seed"][0]["auc"]
+    assert re.search(rf"seed 0 \(1 of 1, \d+ s\): auc base 0\.\d{{4}}, duet {auc:.4f}", capsys.readouterr().out)
     assert main(["evaluate", "--data-path", str(tmp_path / "missing.data"), "--seeds", "1"]) == 2
     assert "no such file" in capsys.readouterr().err
     assert main(["evaluate", "--generator-hidden", "0"]) == 2
