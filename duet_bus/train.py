@@ -192,8 +192,20 @@ def train_model(
     return TrainResult(model, best_epoch, best_auc, log)
 
 
+class _TrainingProgress(Progress):
+    """Progress bars in a terminal. Where they do not show (output to a file, a CI log) a line as each
+    task (an epoch of a model) ends instead, so that a long training is not silent until its result."""
+
+    def remove_task(self, task_id) -> None:
+        if not self.console.is_terminal:
+            task = next((t for t in self.tasks if t.id == task_id), None)
+            if task is not None:
+                self.console.print(f"{task.description}: {task.completed:.0f} steps in {task.elapsed or 0:.1f} s")
+        super().remove_task(task_id)
+
+
 def progress_bar() -> Progress:
     """The rich progress display used while training."""
-    return Progress(
+    return _TrainingProgress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
     )

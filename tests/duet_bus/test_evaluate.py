@@ -88,3 +88,14 @@ def test_a_cached_evaluation_resumes_and_extends_by_seeds(udata, tmp_path, monke
     assert len(list(cache.glob("*.json"))) == 2
     other = evaluate(replace(config, methods=("base",)), show_progress=False, cache_dir=cache)  # another recipe
     assert ran == [1, 0] and set(other["methods"]) == {"base"}
+
+
+def test_training_to_a_log_says_each_epoch_as_it_ends(tiny, capsys):
+    # No terminal here (as in a CI log): the progress bars do not show, a line per epoch does.
+    result = train_model(tiny, ModelConfig(backbone="din"), TrainConfig(epochs=2, patience=5), seed=0,
+                         label="seed 0 base")
+    out = capsys.readouterr().out
+    assert len(result.log) == 2
+    for epoch in (1, 2):
+        assert re.search(rf"seed 0 base epoch {epoch}: \d+ steps in \d+\.\d s", out), out
+
