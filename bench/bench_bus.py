@@ -14,9 +14,9 @@ On one embedded broker, prints:
   the cloud worker (receive to send: batch wait, validation, generation,
   encoding);
 - both at 1, 10 and 100 sessions in flight, and the ratio session / echo;
-- all of it twice, each on a fresh broker: with float32 replies (the
-  default) and with float16 ones (half the bytes; `--weight-encoding
-  float16`);
+- all of it three times, each on a fresh broker: with float32 replies (the
+  default), float16 ones (half the bytes; `--weight-encoding float16`) and
+  int8 ones (a quarter; `--weight-encoding int8`);
 - sessions per second of one cloud worker draining a backlog.
 
 Absolute times are this machine's; the ratios are what to compare.
@@ -52,7 +52,7 @@ from duet_bus.data.streams import offline_test_sessions
 from duet_bus.models import ModelConfig, PPGConfig, build_model
 
 LEVELS = (1, 10, 100)
-ENCODINGS = ("float32", "float16")  # the default, and the half-size replies
+ENCODINGS = ("float32", "float16", "int8")  # the default, and the half- and quarter-size replies
 SESSIONS_PER_LEVEL = 300
 MIN_ROUNDS = 20  # at 100 in flight 300 sessions were 3 bursts, and the p50 of 3 bursts moved 34-81 ms between runs
 BACKLOG = 20000  # about 2 s of one worker: long enough to average the machine's noise
