@@ -40,6 +40,33 @@ def test_reduced_precision_weights_shrink_the_payload(encoding, tolerance, ratio
     assert got.dtype == np.float32 and np.abs(got - w).max() < tolerance * np.abs(w).max()
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.floats(-40, 36), st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]))
+def test_int8_quantizes_as_the_clipped_rounding_does(size, log_scale, seed, dtype):
+    """int8 codes are rint(x / scale) with scale = max|x| / 127, in [-127, 127]: the clip the formula once
+    had never changed a value, whatever the magnitudes (the peak itself, of either sign, included)."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(size) * 10.0**log_scale).astype(dtype)
+    if size and rng.random() < 0.5:
+        x[rng.integers(size)] = -np.abs(x).max()  # the peak, negative
+    encoded = tensors.encode(x, "int8")
+    peak = float(np.max(np.abs(x))) if size else 0.0
+    scale = peak / 127.0 if peak > 0 else 1.0
+    expected = np.clip(np.rint(x / scale), -127, 127).astype(np.int8)
+    assert encoded["scale"] == scale and encoded["data"] == expected.tobytes()
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weights_in_int8_are_refused_by_the_receiver(bad):
+    w = np.ones((4, 3), np.float32)
+    w[1, 2] = bad
+    reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(w, np.zeros(3, np.float32))], 1.0, 2.0, 0.3, 1)
+    for encoding in ("float32", "int8"):  # the same refusal whatever the encoding
+        with pytest.raises(ProtocolError, match="layers") as info:
+            protocol.decode(protocol.encode(reply, encoding))
+        assert ("scale" if encoding == "int8" else "NaN or infinite") in str(info.value)
+
+
 def test_every_bad_field_is_named():
     good = msgpack.unpackb(protocol.encode(start()))
     cases = {
