@@ -130,15 +130,45 @@ class Prepared:
             out[bad] = rng.integers(1, self.n_items + 1, size=int(bad.sum()))
         raise DataError("negative sampling: a user has interacted with almost every item")
 
+    def negatives_for(self, rng: np.random.Generator, user: int, rows: int, k: int) -> np.ndarray:
+        """`sample_negatives` for ``rows`` rows of one user: the same draws from ``rng`` and the same items,
+        checked against the user's row of the seen table (a simulated session's draws are all one user's)."""
+        out = rng.integers(1, self.n_items + 1, size=(rows, k))
+        seen = self._seen_row(user)
+        for _ in range(100):
+            bad = seen[out]
+            count = int(np.count_nonzero(bad))
+            if not count:
+                return out
+            out[bad] = rng.integers(1, self.n_items + 1, size=count)
+        raise DataError("negative sampling: a user has interacted with almost every item")
+
+    def _seen_row(self, user: int) -> np.ndarray:
+        """Whether ``user`` interacted with each item, ``(n_items + 1,)``: `_seen` for one user's keys."""
+        width = self.n_items + 1
+        table = self._seen_table()
+        if table is not None:
+            return table[user * width : (user + 1) * width]
+        row = np.zeros(width, bool)
+        row[self.timeline(user)] = True  # every item of the user's timeline, as `seen_keys` holds them
+        return row
+
+    def _seen_table(self) -> np.ndarray | None:
+        """A dense user x item table of what was seen, where it is small (ML-100k 1.6 MB, ML-1m 22 MB)."""
+        if self.n_users * (self.n_items + 1) > SEEN_TABLE_MAX:
+            return None
+        if "seen" not in self.shared:
+            table = np.zeros(self.n_users * (self.n_items + 1), bool)
+            table[self.seen_keys] = True
+            self.shared["seen"] = table
+        return self.shared["seen"]
+
     def _seen(self, keys: np.ndarray) -> np.ndarray:
-        # A dense user x item table where it is small (ML-100k 1.6 MB, ML-1m 22 MB): one lookup instead of a
-        # binary search per key, which was most of what drawing a simulated session's negatives cost.
-        if self.n_users * (self.n_items + 1) <= SEEN_TABLE_MAX:
-            if "seen" not in self.shared:
-                table = np.zeros(self.n_users * (self.n_items + 1), bool)
-                table[self.seen_keys] = True
-                self.shared["seen"] = table
-            return self.shared["seen"][keys]
+        # The dense table where there is one: one lookup instead of a binary search per key, which was most
+        # of what drawing a simulated session's negatives cost.
+        table = self._seen_table()
+        if table is not None:
+            return table[keys]
         pos = np.searchsorted(self.seen_keys, keys)
         pos = np.minimum(pos, len(self.seen_keys) - 1)
         return self.seen_keys[pos] == keys

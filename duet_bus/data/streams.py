@@ -8,6 +8,8 @@ the labelled recent samples that on-device fine-tuning may learn from.
 
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,23 @@ def log_windows(log: np.ndarray, ends: np.ndarray, length: int) -> tuple[np.ndar
     return np.where(valid, padded[np.minimum(idx, len(log))], 0), size.astype(np.int64)
 
 
+def log_window_run(log: np.ndarray, start: int, stop: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """`log_windows` for the run of indices ``start .. stop - 1``: when each has a full window before it
+    (a simulated device's sessions, but for its first few clicks), the windows are one gather."""
+    if start < length:
+        return log_windows(log, np.arange(start, stop), length)
+    rows = log[_window_grid(stop - start, length) + (start - length)]
+    return rows.astype(np.int64, copy=False), np.full(stop - start, length, np.int64)
+
+
+@functools.lru_cache(maxsize=256)
+def _window_grid(rows: int, length: int) -> np.ndarray:
+    """``grid[i, j] = i + j``: the offsets of ``rows`` consecutive windows of ``length``."""
+    grid = np.arange(rows)[:, None] + np.arange(length)[None, :]
+    grid.flags.writeable = False
+    return grid
+
+
 class DeviceStream:
     """What one simulated device clicks, session after session.
 
@@ -144,30 +163,35 @@ class DeviceStream:
         history_len = self.prepared.config.history_len
         realtime = self.log[-history_len:].copy()
         log = np.concatenate([self.log, items])
-        samples = self._samples(rng, log, np.arange(len(self.log), len(log)), self.negatives)
+        samples = self._samples(rng, log, len(self.log), len(log), self.negatives)
         labelled = None
         if recent:
-            labelled = self._samples(rng, self.log, np.arange(max(1, len(self.log) - recent), len(self.log)),
+            labelled = self._samples(rng, self.log, max(1, len(self.log) - recent), len(self.log),
                                      self.prepared.config.train_negatives)
         self.log = log
         self.sessions_done += 1
         return DeviceSession(f"{self.device_id}-s{self.sessions_done}", self.device_id, realtime, samples, labelled)
 
-    def _samples(self, rng: np.random.Generator, log: np.ndarray, pos: np.ndarray, k: int) -> Samples:
-        history, history_len = log_windows(log, pos, self.prepared.config.history_len)
-        users = np.full(len(pos), self.user)
-        positives = log[pos]
-        negatives = self.prepared.sample_negatives(rng, users, k)
+    def _samples(self, rng: np.random.Generator, log: np.ndarray, start: int, stop: int, k: int) -> Samples:
+        """Positions ``start .. stop - 1`` of ``log`` as samples, each with ``k`` fresh negatives."""
+        prepared, count = self.prepared, stop - start
+        history, history_len = log_window_run(log, start, stop, prepared.config.history_len)
+        positives = log[start:stop]
+        negatives = prepared.negatives_for(rng, self.user, count, k)
         clash = negatives == positives[:, None]  # a drifted click can be an item this user never saw
-        while clash.any():
-            negatives[clash] = self.prepared.sample_negatives(rng, users[: int(clash.sum())], 1)[:, 0]
+        clashes = int(np.count_nonzero(clash))
+        while clashes:
+            negatives[clash] = prepared.negatives_for(rng, self.user, clashes, 1)[:, 0]
             clash = negatives == positives[:, None]
-        targets = np.concatenate([positives[:, None], negatives], axis=1)
+            clashes = int(np.count_nonzero(clash))
+        targets = np.empty((count, k + 1), np.int64)
+        targets[:, 0] = positives
+        targets[:, 1:] = negatives
         labels = np.zeros(targets.shape, np.float32)
         labels[:, 0] = 1.0
-        zeros = np.zeros(len(pos), np.int64)
-        return Samples(users, history, history_len, history.copy(), history_len.copy(), targets, labels,
-                       np.ones(len(pos), np.float32), zeros)
+        return Samples(np.full(count, self.user), history, history_len, history.copy(), history_len.copy(),
+                       targets, labels, np.ones(count, np.float32), np.zeros(count, np.int64))
+
 
 SPLIT_STREAM = SPLITS.index("stream")
 

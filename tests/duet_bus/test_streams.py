@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from duet_bus.data import load_dataset, prepare
+from duet_bus.data import prep
 from duet_bus.data.prep import PrepConfig
-from duet_bus.data.streams import DeviceStream, heldout_sessions
+from duet_bus.data.streams import DeviceStream, heldout_sessions, log_window_run, log_windows
 from duet_bus.errors import ConfigError
 from duet_bus.shifts import SHIFTS
 
@@ -64,3 +67,29 @@ def test_interest_drift_moves_clicks_to_the_target_genre(held):
 def test_drift_to_an_unknown_genre_is_a_config_error(held):
     with pytest.raises(ConfigError, match="'Space Opera' is not a genre"):
         SHIFTS["interest_drift"](held, {"strength": 0.5, "genres": ["Space Opera"]})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 30), st.integers(0, 12), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_a_run_of_windows_is_what_log_windows_gives_each_index(size, count, length, seed):
+    log = np.random.default_rng(seed).integers(1, 1000, size + count).astype(np.int32)
+    start = min(size, len(log))
+    stop = start + count
+    rows, lengths = log_window_run(log, start, stop, length)
+    want_rows, want_lengths = log_windows(log, np.arange(start, stop), length)
+    assert rows.dtype == want_rows.dtype == np.int64 and rows.shape == want_rows.shape
+    assert np.array_equal(rows, want_rows) and np.array_equal(lengths, want_lengths)
+
+
+@pytest.mark.parametrize("dense", [True, False], ids=["seen table", "seen keys"])
+def test_one_users_negatives_are_the_draws_and_items_of_sample_negatives(held, monkeypatch, dense):
+    if not dense:  # the path of a data set too large for the dense user x item table
+        monkeypatch.setattr(prep, "SEEN_TABLE_MAX", 0)
+    for user in range(0, held.n_users, 7):
+        for rows, k in ((5, 20), (1, 1), (10, 4), (0, 3)):
+            ours, theirs = np.random.default_rng(user), np.random.default_rng(user)
+            got = held.negatives_for(ours, user, rows, k)
+            want = held.sample_negatives(theirs, np.full(rows, user), k)
+            assert np.array_equal(got, want) and got.dtype == want.dtype
+            assert ours.bit_generator.state == theirs.bit_generator.state  # the same draws, no more, no fewer
+            assert not held._seen(user * (held.n_items + 1) + got).any()
