@@ -134,8 +134,10 @@ def stack_layers(per_session: list[LayerWeights]) -> LayerWeights:
                                 torch.cat([layer.b for layer in layers])))
         else:
             full = [layer.materialize() if isinstance(layer, Factored) else layer for layer in layers]
-            out.append((torch.stack([w.reshape(w.shape[-2:]) for w, _ in full]),
-                        torch.stack([b.reshape(b.shape[-1:]) for _, b in full])))
+            # A layer with a batch of one ((1, in, out): a factored reply, formed) loses that axis; the others,
+            # most, go as they are (a reshape per session was most of what stacking a batch's replies cost).
+            out.append((torch.stack([w if w.dim() == 2 else w.reshape(w.shape[-2:]) for w, _ in full]),
+                        torch.stack([b if b.dim() == 1 else b.reshape(b.shape[-1:]) for _, b in full])))
     return out
 
 

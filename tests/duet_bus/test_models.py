@@ -5,7 +5,7 @@ import torch
 from duet_bus import checkpoint
 from duet_bus.errors import CheckpointError, ConfigError
 from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, build_model
-from duet_bus.models.dynamic import SessionLayout, apply_by_session, apply_dynamic
+from duet_bus.models.dynamic import Factored, SessionLayout, apply_by_session, apply_dynamic, stack_layers
 from duet_bus.models.swa import mix, swa_weights
 from duet_bus.train import TrainConfig, predict, train_model
 
@@ -336,3 +336,25 @@ def test_fine_tuning_takes_torchs_fused_adam_steps_to_the_bit():
         optimizer.step()
     for got, want in zip([t for layer in ours for t in layer], params):
         assert torch.equal(got, want.detach())
+
+
+def test_stacking_sessions_layers_keeps_each_sessions_own_whatever_form_it_came_in():
+    """Replies' full layers, a fallback's global classifier (parameters) and formed factored layers (a batch
+    of one) stack into one session axis, each session's slice its own layers."""
+    torch.manual_seed(0)
+    full = [(torch.randn(4, 3), torch.randn(3)), (torch.randn(3, 1), torch.randn(1))]
+    glob = [(torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))),
+            (torch.nn.Parameter(torch.randn(3, 1)), torch.nn.Parameter(torch.randn(1)))]
+    factored = [Factored(torch.randn(1, 4, 2), torch.randn(2, 3), torch.randn(3), torch.randn(1, 3)),
+                Factored(torch.randn(1, 3, 2), torch.randn(2, 1), torch.randn(1), torch.randn(1, 1))]
+    sessions = [full, glob, factored, full]
+    with torch.no_grad():
+        stacked = stack_layers(sessions)
+        for n, (w, b) in enumerate(stacked):
+            assert w.shape == (4, *full[n][0].shape) and b.shape == (4, *full[n][1].shape)
+            for i, layers in enumerate(sessions):
+                want_w, want_b = layers[n].materialize() if isinstance(layers[n], Factored) else layers[n]
+                assert torch.equal(w[i], want_w.reshape(w.shape[1:])) and torch.equal(b[i], want_b.reshape(-1))
+        # All factored: they stay factored (one shared W2), the per-session parts stacked.
+        both = stack_layers([factored, factored])
+        assert all(isinstance(layer, Factored) and layer.h.size(0) == 2 for layer in both)
