@@ -358,6 +358,10 @@ def _weights_ready(f: _Fields) -> WeightsReady:
         if not isinstance(layer, dict):
             raise ProtocolError(f"layers[{n}]", "expected a map with w and b")
         w, b = f.array(f"layers[{n}].w", layer.get("w")), f.array(f"layers[{n}].b", layer.get("b"))
+        for part in ("w", "b"):  # weights are numbers of a weight encoding: integer ids would fail in the product
+            if layer[part]["dtype"] not in tensors.WEIGHT_ENCODINGS:
+                raise ProtocolError(f"layers[{n}].{part}", f"weights must be one of {', '.join(tensors.WEIGHT_ENCODINGS)}, "
+                                                           f"got {layer[part]['dtype']}")
         if w.ndim != 2 or b.ndim != 1:
             raise ProtocolError(f"layers[{n}]", f"w must be 2-D and b 1-D, got {w.shape} and {b.shape}")
         layers.append((w, b))

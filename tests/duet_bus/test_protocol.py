@@ -67,6 +67,19 @@ def test_non_finite_weights_in_int8_are_refused_by_the_receiver(bad):
         assert ("scale" if encoding == "int8" else "NaN or infinite") in str(info.value)
 
 
+@pytest.mark.parametrize("dtype", [np.int32, np.int64])
+def test_integer_weights_are_refused_by_the_receiver_naming_the_array(dtype):
+    """Integer arrays are legal on the wire (item ids), but not as weights: taken, they failed the device's
+    product (a RuntimeError that lost the session, and in a batched run the batch's sessions)."""
+    good = np.zeros((4, 3), np.float32)
+    for n, layer in enumerate([(good.astype(dtype), np.zeros(3, np.float32)), (good, np.zeros(3, dtype))]):
+        reply = WeightsReady("s1", "r1", "d1", "m1", "duet", [(good, np.zeros(3, np.float32)), layer], 1.0, 2.0,
+                             0.3, 1)
+        with pytest.raises(ProtocolError, match="weights must be one of float32, float16, int8") as info:
+            protocol.decode(protocol.encode(reply))
+        assert info.value.field == f"layers[1].{'wb'[n]}"
+
+
 def test_every_bad_field_is_named():
     good = msgpack.unpackb(protocol.encode(start()))
     cases = {
