@@ -5,7 +5,8 @@ on 224x224 RGB CK+-sized images; GRU4Rec and DIN on ML-100k-sized catalogues),
 untrained, DUET with N_p = 5, it encodes real protocol messages and prints:
 
 - upload: the session-start record with the raw real-time samples (images as
-  float32 / item ids) and, for images, with their embeddings (the device's
+  float32 / item ids), for images also as 8-bit pixels (`devices.upload:
+  images_uint8`, the paper's raw upload) and as their embeddings (the device's
   static-layer features; the device computes them first);
 - download: the weights-ready record in each weight encoding: the full head
   as float32 / float16 / int8, and the factored form (the per-session factor
@@ -58,7 +59,9 @@ def vision_case(variant: str, channels: int, size: int, small_input: bool):
         features = model.embed(images)
         embedding = model.embed(realtime[0]).numpy()
         factored = model.weights_for(realtime, torch.tensor([1]), factored=True)
-    uploads = {"raw": request_bytes(realtime[0].numpy(), "images"), "embedding": request_bytes(embedding, "embeddings")}
+    pixels, kind = model.upload(realtime[0].numpy(), "images_uint8")
+    uploads = {"raw": request_bytes(realtime[0].numpy(), "images"), "uint8": request_bytes(pixels, kind),
+               "embedding": request_bytes(embedding, "embeddings")}
     name = f"{variant.removeprefix('mobilenetv3_').capitalize()} {channels}x{size}x{size}"
     return name, model, features, factored, uploads
 
@@ -80,7 +83,7 @@ def main() -> None:
              rec_case("gru4rec"), rec_case("din")]
     sizes = Table(title="Bytes per session on the wire (protocol v3 records, msgpack framing included) and modelled "
                         "transfer time on the paper's links (bytes / bandwidth)")
-    for col in ("model", "upload raw", "upload embedding", "download fp32", "fp16", "int8", "factored",
+    for col in ("model", "upload raw", "raw uint8", "upload embedding", "download fp32", "fp16", "int8", "factored",
                 *(f"{p} fp32 / factored" for p in TABLE3_PROFILES)):
         sizes.add_column(col, justify="right")
     compute = Table(title="Device compute of one session's head, this machine (best of 20): full product vs factored")
@@ -97,8 +100,8 @@ def main() -> None:
             diff = float((apply_dynamic(features, full) - apply_dynamic(features, factored)).abs().max())
         times = [f"{p.transfer_ms(down['float32']):.1f} / {p.transfer_ms(down['factored']):.2f} ms"
                  for p in TABLE3_PROFILES.values()]
-        sizes.add_row(name, _kb(uploads["raw"]), _kb(uploads["embedding"]) if "embedding" in uploads else "-",
-                      *(_kb(down[e]) for e in ("float32", "float16", "int8", "factored")), *times)
+        up = [_kb(uploads[k]) if k in uploads else "-" for k in ("raw", "uint8", "embedding")]
+        sizes.add_row(name, *up, *(_kb(down[e]) for e in ("float32", "float16", "int8", "factored")), *times)
         compute.add_row(name, f"{full_ms:.3f} ms", f"{factored_ms:.3f} ms", f"{factored_ms / full_ms:.2f}x",
                         f"{diff:.1e}")
     console = Console(width=220)

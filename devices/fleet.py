@@ -53,8 +53,9 @@ class FleetConfig:
     publish_reports: bool = True
     report_queue: int = 10_000  # reports waiting to be published at most; beyond, counted as unpublished
     run_id: str = ""  # tags this run's session ids on the wire; empty: a random one per fleet
-    # What a device uploads as its real-time samples (paper Table 3): "samples" (item ids, images) or
-    # "embeddings" (an image model's static-layer features, computed on the device; item ids stay ids).
+    # What a device uploads as its real-time samples (paper Table 3; `protocol.UPLOADS`): "samples" (item ids,
+    # float32 images), "images_uint8" (8-bit pixels) or "embeddings" (an image model's static-layer features,
+    # computed on the device). Item ids stay ids.
     upload: str = "samples"
     # `run_many`: the share of sessions whose device compute is also timed alone (the rest are calibrated).
     timing_share: float = 0.01
@@ -65,8 +66,8 @@ class FleetConfig:
             raise ConfigError(f"devices.deadline_s: must be positive, got {self.deadline_s!r}")
         if not 0 <= self.timing_share <= 1:
             raise ConfigError(f"devices.timing_share: must be in [0, 1], got {self.timing_share!r}")
-        if self.upload not in ("samples", "embeddings"):
-            raise ConfigError(f"devices.upload: must be samples or embeddings, got {self.upload!r}")
+        if self.upload not in protocol.UPLOADS:
+            raise ConfigError(f"devices.upload: must be one of {', '.join(protocol.UPLOADS)}, got {self.upload!r}")
         if not 0 <= self.reply_partition < self.topics.weight_partitions:
             raise ConfigError(f"devices.reply_partition: must be in 0..{self.topics.weight_partitions - 1}, "
                               f"got {self.reply_partition}")

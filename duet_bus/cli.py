@@ -501,6 +501,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from duet_bus.protocol import UPLOADS
+
     parser = argparse.ArgumentParser(prog="duet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -577,8 +579,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", help=f"Kafka bootstrap servers (or ${BOOTSTRAP_ENV})")
     p.add_argument("--checkpoint", required=True, help="the checkpoint whose static layers the devices hold")
     p.add_argument("--data-path", help="dataset file or folder, if the checkpoint's dataset is not bundled")
-    p.add_argument("--upload", default="samples", choices=["samples", "embeddings"],
-                   help="real-time samples as they are, or (image models) their static-layer features")
+    p.add_argument("--upload", default="samples", choices=list(UPLOADS),
+                   help="real-time samples as they are, images as 8-bit pixels, or (image models) their "
+                        "static-layer features")
     p.add_argument("--count", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fleet-id", default="fleet-0")

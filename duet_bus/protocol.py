@@ -17,7 +17,7 @@ record by which the cloud announces what it serves.
 
 Version 3 serves both tasks: a request's ``realtime_kind`` says what its
 real-time samples are (``items``: item ids; ``images``: ``(R, C, H, W)``
-floats; ``embeddings``: ``(R, F)`` floats, the device's static-layer output),
+floats, or 8-bit pixels, ``code / 255``; ``embeddings``: ``(R, F)`` floats, the device's static-layer output),
 and a reply's ``form`` says whether each layer is the full ``(W, b)`` or the
 generator's per-session factor ``(H, b)`` (``factored``; the device holds the
 shared ``W2``, ``b2`` with its static layers).
@@ -42,6 +42,10 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 MAX_ARRAY_ELEMENTS = 1 << 20
 MAX_REALTIME = 1024
 REALTIME_KINDS = ("items", "images", "embeddings")
+# What a device may upload as a session's real-time samples (paper Table 3): the samples as they are (item ids,
+# float32 images), images as 8-bit pixels (a camera's own format: a quarter of the bytes, each pixel within
+# 1/510 of the float), or (image models) the static layers' features. Item ids go as ids in every setting.
+UPLOADS = ("samples", "images_uint8", "embeddings")
 FORMS = ("full", "factored")
 MAX_PARTITION = (1 << 31) - 1
 # What Kafka itself accepts as a topic name.
@@ -333,8 +337,11 @@ def _session_start(f: _Fields) -> SessionStart:
             raise ProtocolError("realtime", f"must be 1-D with 1..{MAX_REALTIME} item ids, got shape {realtime.shape}")
     else:
         ndim = 4 if kind == "images" else 2
-        if dtype not in ("float32", "float16"):
-            raise ProtocolError("realtime", f"{kind} must be float32 or float16, got {dtype}")
+        if kind == "images" and dtype == "uint8":  # 8-bit pixels: code / 255, as a float image is made of them
+            realtime = realtime.astype(np.float32) / 255.0
+        elif dtype not in ("float32", "float16"):
+            allowed = "float32, float16 or uint8" if kind == "images" else "float32 or float16"
+            raise ProtocolError("realtime", f"{kind} must be {allowed}, got {dtype}")
         if realtime.ndim != ndim or not 1 <= len(realtime) <= MAX_REALTIME or 0 in realtime.shape:
             shape = "(R, C, H, W)" if kind == "images" else "(R, F)"
             raise ProtocolError("realtime", f"{kind} must be {shape} with 1..{MAX_REALTIME} samples, got shape "

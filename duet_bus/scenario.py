@@ -19,6 +19,7 @@ import yaml
 
 from duet_bus.bus import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from duet_bus.errors import ConfigError
+from duet_bus.protocol import UPLOADS
 from duet_bus.shifts import SHIFTS
 from duet_bus.tasks import TASKS, task_for
 
@@ -103,7 +104,7 @@ class Scenario:
     profiles: dict[str, NetworkProfile]
     compute_factor: float
     deadline_s: float
-    upload: str  # what a device uploads: samples (item ids, images) or embeddings (image features)
+    upload: str  # what a device uploads (`protocol.UPLOADS`): samples, images as 8-bit pixels, or image features
     batched: bool  # the device side of one instant as one computation (`Fleet.run_many`), or device by device
     timing_share: float  # batched: the share of sessions whose device compute is timed alone
     # arrivals
@@ -467,7 +468,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         profiles=profiles,
         compute_factor=r.get(dev, "devices", "compute_factor", "float", 1.0, gt=0),
         deadline_s=r.get(dev, "devices", "deadline", "duration", 2.0, gt=0),
-        upload=r.get(dev, "devices", "upload", "str", "samples", choices=("samples", "embeddings")),
+        upload=r.get(dev, "devices", "upload", "str", "samples", choices=UPLOADS),
         batched=r.get(dev, "devices", "batched", "bool", True),
         timing_share=r.get(dev, "devices", "timing_share", "float", 0.01, min=0, max=1),
         arrivals=arrivals,

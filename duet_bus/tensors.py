@@ -5,7 +5,8 @@
 
 ``float32`` is the default for weights; ``float16`` halves the payload and
 ``int8`` (symmetric, one scale per tensor) quarters it. Decoding always gives
-float32 for weights so the device code never sees the wire precision.
+float32 for weights so the device code never sees the wire precision. Integer
+arrays (``int32``, ``int64``, and ``uint8``: 8-bit image pixels) decode as int64.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import math
 
 import numpy as np
 
-WIRE_DTYPES = {"float32", "float16", "int8", "int32", "int64"}
+WIRE_DTYPES = {"float32", "float16", "int8", "uint8", "int32", "int64"}
 WEIGHT_ENCODINGS = ("float32", "float16", "int8")
 MAX_DIMS = 8
 

@@ -129,7 +129,10 @@ class VisionModel(nn.Module):
     # -- what a device does with this model (`devices.DeviceAgent` asks) -------------------------------
 
     def upload(self, realtime: np.ndarray, kind: str) -> tuple[np.ndarray, str]:
-        """The images themselves, or (``kind`` embeddings) their static features computed on the device."""
+        """The images themselves (``kind`` images_uint8: as 8-bit pixels, each the nearest of ``code / 255``), or
+        (``kind`` embeddings) their static features computed on the device."""
+        if kind == "images_uint8":
+            return np.rint(np.clip(np.asarray(realtime, np.float32), 0.0, 1.0) * 255.0).astype(np.uint8), "images"
         if kind != "embeddings":
             return np.asarray(realtime, np.float32), "images"
         with torch.inference_mode():

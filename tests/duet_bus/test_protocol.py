@@ -131,6 +131,17 @@ def test_image_and_embedding_uploads_round_trip(kind, realtime):
     protocol.check_session_start(back, VISION)
 
 
+def test_images_as_8_bit_pixels_arrive_as_the_float_images_they_stand_for():
+    """A camera's own format, a quarter of float32's bytes: code / 255, as a float image is made from one."""
+    codes = np.random.default_rng(0).integers(0, 256, (2, 1, 4, 4)).astype(np.uint8)
+    wire = protocol.encode(start(model_version="v1", realtime=codes, realtime_kind="images"))
+    back = protocol.decode(wire)
+    assert back.realtime.dtype == np.float32 and np.array_equal(back.realtime, codes.astype(np.float32) / 255.0)
+    protocol.check_session_start(back, VISION)
+    floats = protocol.encode(start(model_version="v1", realtime=back.realtime, realtime_kind="images"))
+    assert 0 <= len(floats) - len(wire) - codes.size * 3 <= 4  # 4 bytes a pixel -> 1 (and the dtype's name)
+
+
 @pytest.mark.parametrize("kind, realtime, reason", [
     ("images", np.zeros((2, 1, 5, 4), np.float32), r"realtime: one sample of images has shape \(1, 5, 4\), the model "
                                                    r"takes \(1, 4, 4\)"),
@@ -144,7 +155,10 @@ def test_uploads_that_do_not_fit_the_model_are_named(kind, realtime, reason):
 
 
 @pytest.mark.parametrize("kind, realtime, reason", [
-    ("images", {"dtype": "int64", "shape": [1, 1, 4, 4], "data": b"\0" * 128}, "images must be float32 or float16"),
+    ("images", {"dtype": "int64", "shape": [1, 1, 4, 4], "data": b"\0" * 128},
+     "images must be float32, float16 or uint8, got int64"),
+    ("embeddings", {"dtype": "uint8", "shape": [1, 6], "data": b"\0" * 6}, "embeddings must be float32 or float16"),
+    ("items", {"dtype": "uint8", "shape": [2], "data": b"\1\2"}, "item ids must be int32 or int64, got uint8"),
     ("images", {"dtype": "float32", "shape": [1, 16], "data": b"\0" * 64}, r"images must be \(R, C, H, W\)"),
     ("images", {"dtype": "float32", "shape": [1, 1, 1, 1], "data": np.array([np.nan], np.float32).tobytes()},
      "realtime: contains NaN"),

@@ -32,7 +32,8 @@ def test_defaults_fill_a_minimal_scenario():
 
 def test_every_problem_is_reported_with_its_path():
     found = problems({
-        "name": "t", "duration": "soon", "devices": {"count": -3, "colour": "red", "network": {"6g": 1}},
+        "name": "t", "duration": "soon",
+        "devices": {"count": -3, "colour": "red", "network": {"6g": 1}, "upload": "jpeg"},
         "methods": ["base", "magic"], "shifts": [{"kind": "earthquake", "at": "1h"}, {"kind": "handover"}],
         "cloud": {"weight_encoding": "float8"}, "data": {"holdout": 1.5}, "torch_threads": 0,
         "model": {"swa": {"hidden": 0}},
@@ -42,6 +43,7 @@ def test_every_problem_is_reported_with_its_path():
         "devices.count: must be a positive integer, got -3",
         "devices.colour: unknown key",
         "devices.network.6g: unknown profile",
+        "devices.upload: must be one of samples, images_uint8, embeddings, got 'jpeg'",
         "methods[1]: must be base, finetune, duet_no_swa, duet or duet_npN, got 'magic'",
         "shifts[0].kind: must be one of",
         "shifts[1].at: is required",
@@ -52,6 +54,11 @@ def test_every_problem_is_reported_with_its_path():
         "model.swa.hidden: must be a positive integer, got 0",
     ):
         assert expected in text, f"{expected!r} not in\n{text}"
+
+
+def test_an_upload_setting_reaches_the_devices():
+    assert parse_scenario(minimal()).upload == "samples"
+    assert parse_scenario(minimal(devices={"upload": "images_uint8"})).upload == "images_uint8"
 
 
 def test_the_generator_size_reaches_the_training_recipe():

@@ -47,6 +47,27 @@ async def test_devices_classify_with_heads_generated_from_their_images(
         assert all(r.delay_ms["embed_ms"] > 0 for r in reports)  # the device's static layers ran first
 
 
+async def test_8_bit_pixel_uploads_are_the_float_upload_of_the_quantized_images(vision_checkpoint, fashion_prepared):
+    """`devices.upload: images_uint8`: each real-time image goes up as 8-bit pixels, a quarter of the bytes; the
+    cloud generates from exactly the image those pixels stand for, so every session scores what a float32 upload
+    of the quantized images scores."""
+    from dataclasses import replace
+
+    from duet_bus.bus import MemoryBus, Topics
+
+    sessions = fashion_prepared.device_sessions(fashion_prepared.split("test"))[:12]
+    pixels, _ = await serve_sessions(MemoryBus(), Topics(), vision_checkpoint, sessions, "float32", "images_uint8")
+    quantized = [replace(s, realtime=np.rint(s.realtime * 255.0).astype(np.uint8).astype(np.float32) / 255.0)
+                 for s in sessions]
+    assert max(np.abs(q.realtime - s.realtime).max() for q, s in zip(quantized, sessions)) <= 0.5 / 255 + 1e-7
+    floats, _ = await serve_sessions(MemoryBus(), Topics(), vision_checkpoint, quantized, "float32", "samples")
+    assert not any(r.fallback for r in pixels + floats)
+    for a, b in zip(pixels, floats):
+        np.testing.assert_array_equal(a.scores, b.scores)
+        saved = b.payload_bytes["upload"] - a.payload_bytes["upload"]
+        assert 0 <= saved - 3 * sessions[0].realtime.size <= 4  # 4 bytes a pixel -> 1 (and the dtype's name)
+
+
 async def test_on_device_fine_tuning_of_the_head_needs_labelled_images(
         kafka_bus, kafka_topics, vision_checkpoint, fashion_prepared):
     sessions = fashion_prepared.device_sessions(fashion_prepared.split("test")[:3], recent=6)
