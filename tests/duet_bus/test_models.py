@@ -123,6 +123,23 @@ def test_serving_after_a_fused_optimizer_step_uses_the_new_generator():
     assert not torch.allclose(served, before) and torch.equal(served, fresh)
 
 
+def test_a_factored_reply_takes_the_served_factors_wherever_gradients_are_on():
+    """A device combines every factored reply with the generator's shared ``W2``, ``b2``: they come from the
+    serving cache, not from mixing the generators again (with autograd, when gradients are on: 10 ms a
+    MobileNetV3-Small reply), and they are the mixture's values."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="gru4rec", ppg=PPGConfig(n_generators=3)), n_items=30, history_len=5)
+    model.eval()
+    head = model.head
+    layers = [(torch.randn(32, 32), torch.randn(32)), (torch.randn(32, 32), torch.randn(32))]
+    with torch.enable_grad():
+        first, again = head.unfactor(layers), head.unfactor(layers)
+        mixed = [g.mixed(p) for g, p in zip(head.generators, head.swa_p())]  # the mixture, formed again
+    for one, two, parts in zip(first, again, mixed):
+        assert one.w2 is two.w2 and not one.w2.requires_grad  # one cached mixture, no graph behind it
+        assert torch.equal(one.w2, parts[2]) and torch.equal(one.b2, parts[3])
+
+
 def test_apply_dynamic_matches_a_python_loop():
     torch.manual_seed(0)
     x = torch.randn(5, 3, 8)
