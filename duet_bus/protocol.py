@@ -17,10 +17,11 @@ record by which the cloud announces what it serves.
 
 Version 3 serves both tasks: a request's ``realtime_kind`` says what its
 real-time samples are (``items``: item ids; ``images``: ``(R, C, H, W)``
-floats, or 8-bit pixels, ``code / 255``; ``embeddings``: ``(R, F)`` floats, the device's static-layer output),
-and a reply's ``form`` says whether each layer is the full ``(W, b)`` or the
-generator's per-session factor ``(H, b)`` (``factored``; the device holds the
-shared ``W2``, ``b2`` with its static layers).
+floats, or 8-bit pixels standing for ``code / 255``; ``embeddings``:
+``(R, F)`` floats, the device's static-layer output), and a reply's
+``form`` says whether each layer is the full ``(W, b)`` or the generator's
+per-session factor ``(H, b)`` (``factored``; the device holds the shared
+``W2``, ``b2`` with its static layers).
 """
 
 from __future__ import annotations
@@ -365,10 +366,11 @@ def _weights_ready(f: _Fields) -> WeightsReady:
         if not isinstance(layer, dict):
             raise ProtocolError(f"layers[{n}]", "expected a map with w and b")
         w, b = f.array(f"layers[{n}].w", layer.get("w")), f.array(f"layers[{n}].b", layer.get("b"))
-        for part in ("w", "b"):  # weights are numbers of a weight encoding: integer ids would fail in the product
-            if layer[part]["dtype"] not in tensors.WEIGHT_ENCODINGS:
-                raise ProtocolError(f"layers[{n}].{part}", f"weights must be one of {', '.join(tensors.WEIGHT_ENCODINGS)}, "
-                                                           f"got {layer[part]['dtype']}")
+        for part in ("w", "b"):  # weights are numbers of a weight encoding: integers would fail in the product
+            dtype = layer[part]["dtype"]
+            if dtype not in tensors.WEIGHT_ENCODINGS:
+                raise ProtocolError(f"layers[{n}].{part}",
+                                    f"weights must be one of {', '.join(tensors.WEIGHT_ENCODINGS)}, got {dtype}")
         if w.ndim != 2 or b.ndim != 1:
             raise ProtocolError(f"layers[{n}]", f"w must be 2-D and b 1-D, got {w.shape} and {b.shape}")
         layers.append((w, b))

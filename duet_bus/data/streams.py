@@ -9,7 +9,6 @@ the labelled recent samples that on-device fine-tuning may learn from.
 from __future__ import annotations
 
 import functools
-
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,7 +190,6 @@ class DeviceStream:
         labels[:, 0] = 1.0
         return Samples(np.full(count, self.user), history, history_len, history.copy(), history_len.copy(),
                        targets, labels, np.ones(count, np.float32), np.zeros(count, np.int64))
-
 
 SPLIT_STREAM = SPLITS.index("stream")
 
