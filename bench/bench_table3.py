@@ -10,7 +10,8 @@ untrained, DUET with N_p = 5, it encodes real protocol messages and prints:
   static-layer features; the device computes them first);
 - download: the weights-ready record in each weight encoding: the full head
   as float32 / float16 / int8, and the factored form (the per-session factor
-  H and the bias, float32; W2 and b2 are shipped once with the static layers);
+  H and the bias, float32 / float16; W2 and b2 are shipped once with the static
+  layers);
 - the modelled transfer time of each on the paper's four links (bytes /
   bandwidth; no latency);
 - device compute: applying the full head vs the factored form to a session's
@@ -84,6 +85,7 @@ def main() -> None:
     sizes = Table(title="Bytes per session on the wire (protocol v3 records, msgpack framing included) and modelled "
                         "transfer time on the paper's links (bytes / bandwidth)")
     for col in ("model", "upload raw", "raw uint8", "upload embedding", "download fp32", "fp16", "int8", "factored",
+                "factored fp16",
                 *(f"{p} fp32 / factored" for p in TABLE3_PROFILES)):
         sizes.add_column(col, justify="right")
     compute = Table(title="Device compute of one session's head, this machine (best of 20): full product vs factored")
@@ -94,14 +96,16 @@ def main() -> None:
             full = materialize(factored)
             down = {enc: reply_bytes([(w[0].numpy(), b[0].numpy()) for w, b in full], "full", enc)
                     for enc in ("float32", "float16", "int8")}
-            down["factored"] = reply_bytes([(f.h[0].numpy(), f.b[0].numpy()) for f in factored], "factored", None)
+            factor = [(f.h[0].numpy(), f.b[0].numpy()) for f in factored]
+            down["factored"], down["factored16"] = (reply_bytes(factor, "factored", e) for e in ("float32", "float16"))
             full_ms = best_ms(lambda: apply_dynamic(features, full), 20)
             factored_ms = best_ms(lambda: apply_dynamic(features, factored), 20)
             diff = float((apply_dynamic(features, full) - apply_dynamic(features, factored)).abs().max())
         times = [f"{p.transfer_ms(down['float32']):.1f} / {p.transfer_ms(down['factored']):.2f} ms"
                  for p in TABLE3_PROFILES.values()]
         up = [_kb(uploads[k]) if k in uploads else "-" for k in ("raw", "uint8", "embedding")]
-        sizes.add_row(name, *up, *(_kb(down[e]) for e in ("float32", "float16", "int8", "factored")), *times)
+        sizes.add_row(name, *up, *(_kb(down[e]) for e in ("float32", "float16", "int8", "factored", "factored16")),
+                      *times)
         compute.add_row(name, f"{full_ms:.3f} ms", f"{factored_ms:.3f} ms", f"{factored_ms / full_ms:.2f}x",
                         f"{diff:.1e}")
     console = Console(width=220)

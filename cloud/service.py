@@ -42,7 +42,7 @@ from duet_bus.protocol import DeadLetter, ProtocolError, SessionStart, WeightsRe
 
 log = logging.getLogger("duet.cloud")
 
-WEIGHT_ENCODINGS = ("float32", "float16", "int8", "factored")
+WEIGHT_ENCODINGS = protocol.REPLY_ENCODINGS
 
 Message = tuple[str, bytes, bytes | None, int | None]  # topic, value, key, partition
 
@@ -57,8 +57,9 @@ class CloudConfig:
     # Measured (make bench-bus, --max-wait-ms 0/2/5): session p50 at 1 in
     # flight 1.47x / 1.68x / 2.28x the raw echo, same sessions/s.
     max_wait_ms: float = 0.0
-    # float32, float16 or int8: the full (W, b) per layer; factored: the generator's per-session
-    # factor H and the bias (float32), the device holds the shared W2, b2 (see `models.dynamic.Factored`).
+    # float32, float16 or int8: the full (W, b) per layer; factored (factored_float16): the generator's
+    # per-session factor H and the bias in float32 (float16), the device holds the shared W2, b2 (see
+    # `models.dynamic.Factored`).
     weight_encoding: str = "float32"
     topics: Topics = field(default_factory=Topics)
     # The only topics a request may name as its reply topic; empty: the weights topic.
@@ -80,8 +81,13 @@ class CloudConfig:
 
     @property
     def factored(self) -> bool:
-        """Replies carry each layer's factor ``H`` (float32) instead of the full weights."""
-        return self.weight_encoding == "factored"
+        """Replies carry each layer's factor ``H`` instead of the full weights."""
+        return self.weight_encoding.startswith("factored")
+
+    @property
+    def array_encoding(self) -> str:
+        """How each array of a reply is encoded (`tensors.WEIGHT_ENCODINGS`)."""
+        return self.weight_encoding.removeprefix("factored").removeprefix("_") or "float32"
 
     @property
     def allowed_reply_topics(self) -> tuple[str, ...]:
@@ -110,7 +116,7 @@ class GeneratorService:
         self.models = {c.model_version: c for c in checkpoints}
         for c in checkpoints:
             spec = c.spec
-            itemsize = 4 if self.config.factored else np.dtype(self.config.weight_encoding).itemsize
+            itemsize = np.dtype(self.config.array_encoding).itemsize
             size = layer_bytes(spec.layer_shapes, itemsize, spec.factor_hidden if self.config.factored else 0)
             if size > protocol.MAX_MESSAGE_BYTES:
                 raise ConfigError(f"cloud.weight_encoding: a {c.model_version} reply in {self.config.weight_encoding} "
@@ -373,7 +379,7 @@ class GeneratorService:
         layers, generation_ms = await asyncio.to_thread(self._forward, checkpoint, [e.realtime for _, e in items])
         method = checkpoint.model.config.method
         factored = self.config.factored
-        encoding = None if factored else self.config.weight_encoding
+        encoding = self.config.array_encoding
         replies = []
         for i, (record, event) in enumerate(items):
             reply = WeightsReady(

@@ -501,7 +501,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from duet_bus.protocol import UPLOADS
+    from duet_bus.protocol import REPLY_ENCODINGS, UPLOADS
 
     parser = argparse.ArgumentParser(prog="duet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -563,8 +563,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=256)
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a batch may wait to fill after its first event (default 0: take what has arrived)")
-    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8", "factored"],
-                   help="factored: the generator's per-session factor H, the device holds W2 and b2")
+    p.add_argument("--weight-encoding", default="float32", choices=list(REPLY_ENCODINGS),
+                   help="factored (factored_float16): the generator's per-session factor H in float32 (float16), "
+                        "the device holds W2 and b2")
     p.add_argument("--reply-topic", action="append", dest="reply_topics",
                    help="a topic requests may name as reply_topic (repeatable; default: duet.weights only)")
     _add_security_args(p)
@@ -572,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="what a checkpoint serves: model version, item ids, L, layer shapes (as JSON)")
     p.add_argument("checkpoint")
-    p.add_argument("--weight-encoding", default="float32", choices=["float32", "float16", "int8", "factored"])
+    p.add_argument("--weight-encoding", default="float32", choices=list(REPLY_ENCODINGS))
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")

@@ -47,6 +47,9 @@ REALTIME_KINDS = ("items", "images", "embeddings")
 # float32 images), images as 8-bit pixels (a camera's own format: a quarter of the bytes, each pixel within
 # 1/510 of the float), or (image models) the static layers' features. Item ids go as ids in every setting.
 UPLOADS = ("samples", "images_uint8", "embeddings")
+# How the cloud may send a session's layers: the full (W, b) per layer in float32, float16 or int8; or the
+# generator's per-session factor H and the bias (`form` factored), in float32 or float16.
+REPLY_ENCODINGS = ("float32", "float16", "int8", "factored", "factored_float16")
 FORMS = ("full", "factored")
 MAX_PARTITION = (1 << 31) - 1
 # What Kafka itself accepts as a topic name.
@@ -158,7 +161,7 @@ class ModelInfo:
     n_items: int  # item ids are 1..n_items
     realtime_len: int  # L: at most this many real-time samples are used (the most recent)
     layer_shapes: list[list[int]]  # (in, out) of each dynamic layer, first layer first
-    weight_encoding: str  # float32, float16, int8 or factored on the wire
+    weight_encoding: str  # how replies come (`REPLY_ENCODINGS`): float32, float16, int8, factored, factored_float16
     sessions_topic: str  # where requests go
     reply_topics: list[str]  # the only topics a request may name as reply_topic
     at: float  # cloud wall clock

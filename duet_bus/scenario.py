@@ -19,7 +19,7 @@ import yaml
 
 from duet_bus.bus import SASL_MECHANISMS, SECURITY_PROTOCOLS
 from duet_bus.errors import ConfigError
-from duet_bus.protocol import UPLOADS
+from duet_bus.protocol import REPLY_ENCODINGS, UPLOADS
 from duet_bus.shifts import SHIFTS
 from duet_bus.tasks import TASKS, task_for
 
@@ -488,7 +488,7 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
         max_batch=r.get(cloud, "cloud", "max_batch", "int", 256, min=1),
         max_wait_ms=r.get(cloud, "cloud", "max_wait_ms", "float", 0.0, min=0),
         weight_encoding=r.get(cloud, "cloud", "weight_encoding", "str", "float32",
-                              choices=("float32", "float16", "int8", "factored")),
+                              choices=REPLY_ENCODINGS),
         window_s=r.get(top, "", "window", "duration", 1.0, gt=0),
         duration_s=r.get(top, "", "duration", "duration", gt=0),
         output=r.get(top, "", "output", "str", f"runs/{name or 'scenario'}"),

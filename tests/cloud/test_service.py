@@ -225,7 +225,7 @@ def test_a_head_too_large_for_one_message_is_refused_with_the_encodings_that_fit
     big = Large(**{f.name: getattr(vision_checkpoint, f.name) for f in fields(Checkpoint)})
     with pytest.raises(ConfigError, match="float32 is 4.97 MB, over the 4 MiB message limit; use float16"):
         GeneratorService(MemoryBus(), [big], CloudConfig())
-    for encoding in ("float16", "int8", "factored"):
+    for encoding in ("float16", "int8", "factored", "factored_float16"):
         GeneratorService(MemoryBus(), [big], CloudConfig(weight_encoding=encoding))
 
 

@@ -47,7 +47,7 @@ def test_every_problem_is_reported_with_its_path():
         "methods[1]: must be base, finetune, duet_no_swa, duet or duet_npN, got 'magic'",
         "shifts[0].kind: must be one of",
         "shifts[1].at: is required",
-        "cloud.weight_encoding: must be one of float32, float16, int8, factored, got 'float8'",
+        "cloud.weight_encoding: must be one of float32, float16, int8, factored, factored_float16, got 'float8'",
         "data.holdout: must be less than 1, got 1.5",
         "duration: must be a duration",
         "torch_threads: must be a positive integer, got 0",

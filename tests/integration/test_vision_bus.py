@@ -68,6 +68,21 @@ async def test_8_bit_pixel_uploads_are_the_float_upload_of_the_quantized_images(
         assert 0 <= saved - 3 * sessions[0].realtime.size <= 4  # 4 bytes a pixel -> 1 (and the dtype's name)
 
 
+async def test_a_float16_factor_is_half_the_download_and_scores_what_float32_scores_to_float16s_precision(
+        vision_checkpoint, fashion_prepared):
+    from duet_bus.bus import MemoryBus, Topics
+
+    sessions = fashion_prepared.device_sessions(fashion_prepared.split("test"))[:12]
+    full, _ = await serve_sessions(MemoryBus(), Topics(), vision_checkpoint, sessions, "factored", "samples")
+    half, _ = await serve_sessions(MemoryBus(), Topics(), vision_checkpoint, sessions, "factored_float16", "samples")
+    assert not any(r.fallback for r in full + half)
+    for a, b in zip(full, half):
+        assert 0.49 < b.payload_bytes["download"] / a.payload_bytes["download"] < 0.51
+        scale = np.abs(a.scores).max()
+        np.testing.assert_allclose(b.scores, a.scores, atol=2e-3 * scale)  # float16: 11 bits of mantissa
+        assert (b.scores.argmax(1) == a.scores.argmax(1)).mean() >= 0.75
+
+
 async def test_on_device_fine_tuning_of_the_head_needs_labelled_images(
         kafka_bus, kafka_topics, vision_checkpoint, fashion_prepared):
     sessions = fashion_prepared.device_sessions(fashion_prepared.split("test")[:3], recent=6)
