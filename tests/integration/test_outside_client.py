@@ -6,6 +6,7 @@ import time
 
 import msgpack
 import numpy as np
+import pytest
 
 from cloud import CloudConfig, GeneratorService
 
@@ -74,16 +75,22 @@ async def test_a_kafka_python_client_learns_the_model_and_gets_its_weights(kafka
     assert np.isfinite(w).all()
 
 
+@pytest.mark.parametrize("pixels, encoding", [(np.float32, "factored"), (np.uint8, "factored_float16")])
 async def test_a_kafka_python_client_uploads_images_and_gets_a_factored_head(kafka_bus, kafka_topics,
-                                                                            vision_checkpoint, kafka_bootstrap):
+                                                                            vision_checkpoint, kafka_bootstrap,
+                                                                            pixels, encoding):
     spec = vision_checkpoint.spec
     image_shape = dict(spec.realtime_kinds)["images"]
     images = np.random.default_rng(0).random((2, *image_shape), dtype=np.float32)
+    if pixels is np.uint8:  # 8-bit pixels, code / 255, as docs/protocol.md says
+        images = np.rint(images * 255).astype(np.uint8)
     info, reply, _ = await _ask(kafka_bus, kafka_topics, kafka_bootstrap, vision_checkpoint, images, "images",
-                                "factored")
-    assert info["task"] == "image_classification" and info["weight_encoding"] == "factored"
+                                encoding)
+    assert info["task"] == "image_classification" and info["weight_encoding"] == encoding
     assert info["realtime_kinds"]["images"] == list(image_shape)
     assert reply is not None and reply["form"] == "factored"
+    dtype = "float16" if encoding == "factored_float16" else "float32"
+    assert all(layer[part]["dtype"] == dtype for layer in reply["layers"] for part in ("w", "b"))
     # The factor H of each layer is (in, h): far smaller than the (in, out) head.
     assert [tuple(layer["w"]["shape"]) for layer in reply["layers"]] == [
         (i, spec.factor_hidden) for i, _ in spec.layer_shapes]
