@@ -5,8 +5,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duet_bus.data import load_dataset, prepare
-from duet_bus.data import prep
+from duet_bus.data import load_dataset, prep, prepare
 from duet_bus.data.prep import PrepConfig
 from duet_bus.data.streams import DeviceStream, heldout_sessions, log_window_run, log_windows
 from duet_bus.errors import ConfigError
