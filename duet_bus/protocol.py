@@ -210,6 +210,13 @@ def encode(event: Event, weight_encoding: str | None = None) -> bytes:
 
 def decode(data: bytes) -> Event:
     """Parse and validate one event; raise `ProtocolError` naming the field."""
+    return parse(unpack(data))
+
+
+def unpack(data: bytes) -> dict:
+    """What `decode` checks before the event's own fields (bytes, size, a msgpack map with string keys, the
+    schema version, a known type): the event's map, for `parse`. A fleet routes a reply by its map's
+    ``request_id`` and leaves the rest of the checks to the device it is for."""
     if data is None:
         raise ProtocolError("message", "no value (a tombstone): expected a msgpack map")
     if not isinstance(data, (bytes, bytearray)):
@@ -229,10 +236,14 @@ def decode(data: bytes) -> Event:
         raise ProtocolError("v", f"schema version {_show(version)} is not supported (expected the integer "
                                  f"{SCHEMA_VERSION})")
     kind = body.get("type")
-    parser = _PARSERS.get(kind) if isinstance(kind, str) else None
-    if parser is None:
+    if not isinstance(kind, str) or kind not in _PARSERS:
         raise ProtocolError("type", f"unknown event type {_show(kind)} (known: {', '.join(_PARSERS)})")
-    return parser(_Fields(body))
+    return body
+
+
+def parse(body: dict) -> Event:
+    """The event of a map that `unpack` gave, every field checked; raise `ProtocolError` naming the field."""
+    return _PARSERS[body["type"]](_Fields(body))
 
 
 def _unpack(data: bytes) -> Any:

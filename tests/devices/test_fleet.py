@@ -70,3 +70,40 @@ async def test_device_finetune_matches_the_offline_baseline(tiny_shared, tmp_pat
     reports = [await fleet.run(DeviceAgent(s.device_id, base, fleet, method="finetune"), s) for s in sessions]
     np.testing.assert_allclose(np.stack([r.scores for r in reports]), offline, atol=1e-5)
     assert all(r.delay_ms["finetune_ms"] > 0 for r in reports)
+
+
+async def test_a_reply_is_routed_by_its_ids_and_checked_by_the_device_it_is_for(duet_checkpoint, tiny_shared):
+    """The fleet reads a reply's map and ids only; the device checks the rest. Garbage and a reply without ids
+    are counted as invalid where they arrive and reach no device; a reply to this device's request that fails
+    the checks (NaN weights) makes that device fall back at once, counted as invalid."""
+    import msgpack
+
+    bus = MemoryBus()
+    topics = Topics()
+    fleet = Fleet(bus, FleetConfig(topics=topics, deadline_s=600))  # a fallback here is not the deadline's
+    await fleet.start()
+    session = offline_test_sessions(tiny_shared)[0]
+    agent = DeviceAgent(session.device_id, duet_checkpoint, fleet)
+    consumer = bus.group_consumer([topics.sessions], "cloud")
+    await consumer.start()
+
+    async def answer_badly():
+        while not (records := await consumer.getmany(50, 10)):
+            pass
+        request = protocol.decode(records[0].value)
+        await bus.send(topics.weights, b"\xc1 not msgpack", partition=0)
+        layers = [(np.full((i, o), np.nan, np.float32), np.zeros(o, np.float32))
+                  for i, o in duet_checkpoint.spec.layer_shapes]
+        good = protocol.encode(protocol.WeightsReady(
+            request.session_id, request.request_id, request.device_id, request.model_version, "duet", layers,
+            1.0, 2.0, 0.3, 1))
+        body = msgpack.unpackb(good)
+        await bus.send(topics.weights, msgpack.packb({**body, "request_id": 7}), partition=0)  # no id to route by
+        await bus.send(topics.weights, good, partition=0)
+
+    server = asyncio.create_task(answer_badly())
+    report = await asyncio.wait_for(fleet.run(agent, session), 60)
+    await server
+    await fleet.stop()
+    assert report.fallback and fleet.stats.fallbacks == 1
+    assert fleet.stats.invalid_replies == 3  # the garbage, the reply without an id, and the NaN weights
