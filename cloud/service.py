@@ -42,8 +42,6 @@ from duet_bus.protocol import DeadLetter, ProtocolError, SessionStart, WeightsRe
 
 log = logging.getLogger("duet.cloud")
 
-WEIGHT_ENCODINGS = protocol.REPLY_ENCODINGS
-
 Message = tuple[str, bytes, bytes | None, int | None]  # topic, value, key, partition
 
 
@@ -75,19 +73,19 @@ class CloudConfig:
             raise ConfigError(f"cloud.max_batch: must be a positive integer, got {self.max_batch}")
         if self.max_wait_ms < 0:
             raise ConfigError(f"cloud.max_wait_ms: must be non-negative, got {self.max_wait_ms}")
-        if self.weight_encoding not in WEIGHT_ENCODINGS:
-            raise ConfigError(f"cloud.weight_encoding: must be one of {', '.join(WEIGHT_ENCODINGS)}, got "
+        if self.weight_encoding not in protocol.REPLY_ENCODINGS:
+            raise ConfigError(f"cloud.weight_encoding: must be one of {', '.join(protocol.REPLY_ENCODINGS)}, got "
                               f"{self.weight_encoding!r}")
 
     @property
     def factored(self) -> bool:
         """Replies carry each layer's factor ``H`` instead of the full weights."""
-        return self.weight_encoding.startswith("factored")
+        return protocol.REPLY_ENCODINGS[self.weight_encoding][0] == "factored"
 
     @property
     def array_encoding(self) -> str:
         """How each array of a reply is encoded (`tensors.WEIGHT_ENCODINGS`)."""
-        return self.weight_encoding.removeprefix("factored").removeprefix("_") or "float32"
+        return protocol.REPLY_ENCODINGS[self.weight_encoding][1]
 
     @property
     def allowed_reply_topics(self) -> tuple[str, ...]:

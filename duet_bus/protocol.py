@@ -47,9 +47,10 @@ REALTIME_KINDS = ("items", "images", "embeddings")
 # float32 images), images as 8-bit pixels (a camera's own format: a quarter of the bytes, each pixel within
 # 1/510 of the float), or (image models) the static layers' features. Item ids go as ids in every setting.
 UPLOADS = ("samples", "images_uint8", "embeddings")
-# How the cloud may send a session's layers: the full (W, b) per layer in float32, float16 or int8; or the
-# generator's per-session factor H and the bias (`form` factored), in float32 or float16.
-REPLY_ENCODINGS = ("float32", "float16", "int8", "factored", "factored_float16")
+# How the cloud may send a session's layers, each name -> (the reply's `form`, its arrays' `tensors` encoding):
+# the full (W, b) per layer in float32, float16 or int8; or the generator's per-session factor H and the bias.
+REPLY_ENCODINGS = {"float32": ("full", "float32"), "float16": ("full", "float16"), "int8": ("full", "int8"),
+                   "factored": ("factored", "float32"), "factored_float16": ("factored", "float16")}
 FORMS = ("full", "factored")
 MAX_PARTITION = (1 << 31) - 1
 # What Kafka itself accepts as a topic name.

@@ -6,7 +6,8 @@
 ``float32`` is the default for weights; ``float16`` halves the payload and
 ``int8`` (symmetric, one scale per tensor) quarters it. Decoding always gives
 float32 for weights so the device code never sees the wire precision. Integer
-arrays (``int32``, ``int64``, and ``uint8``: 8-bit image pixels) decode as int64.
+arrays (``int32``, ``int64``) decode as int64; ``uint8`` (8-bit image pixels)
+as uint8, which the receiver scales.
 """
 
 from __future__ import annotations
@@ -103,4 +104,6 @@ def decode(obj: object, max_elements: int) -> np.ndarray:
         if not np.isfinite(array).all():
             raise TensorError("contains NaN or infinite values")
         return array
+    if dtype == "uint8":
+        return array.copy()  # not widened: the receiver makes floats of it at once
     return array.astype(np.int64)

@@ -121,22 +121,20 @@ class Prepared:
 
     def sample_negatives(self, rng: np.random.Generator, user: np.ndarray, k: int) -> np.ndarray:
         """``k`` items per row that the row's user never interacted with (with replacement)."""
-        out = rng.integers(1, self.n_items + 1, size=(len(user), k))
         base = user[:, None] * (self.n_items + 1)
-        for _ in range(100):
-            bad = self._seen(base + out)
-            if not bad.any():
-                return out
-            out[bad] = rng.integers(1, self.n_items + 1, size=int(bad.sum()))
-        raise DataError("negative sampling: a user has interacted with almost every item")
+        out = rng.integers(1, self.n_items + 1, size=(len(user), k))
+        return self._redraw_seen(rng, out, lambda items: self._seen(base + items))
 
     def negatives_for(self, rng: np.random.Generator, user: int, rows: int, k: int) -> np.ndarray:
         """`sample_negatives` for ``rows`` rows of one user: the same draws from ``rng`` and the same items,
         checked against the user's row of the seen table (a simulated session's draws are all one user's)."""
         out = rng.integers(1, self.n_items + 1, size=(rows, k))
-        seen = self._seen_row(user)
+        return self._redraw_seen(rng, out, self._seen_row(user).__getitem__)
+
+    def _redraw_seen(self, rng: np.random.Generator, out: np.ndarray, seen) -> np.ndarray:
+        """Draw every item of ``out`` that ``seen(out)`` marks again, until none is marked."""
         for _ in range(100):
-            bad = seen[out]
+            bad = seen(out)
             count = int(np.count_nonzero(bad))
             if not count:
                 return out
