@@ -10,9 +10,12 @@ Prints, in one run:
 - the 10,000-device run with torch's intra-op threads at the scenario's
   default (`torch_threads: 1`) against one per core, in-process and over
   Kafka;
-- the same scenario at 10,000 devices over Kafka in one process and split
-  over 2 runner processes (`duet run --shards 2`; the cloud and the
-  collector in the parent), wall time from start to report;
+- the same scenario at 10,000 devices in one process and split over 2
+  runner processes (`duet run --shards 2`), on the in-process bus (each
+  shard with its own cloud, records through files) and over Kafka (the
+  cloud and the collector in the parent): the wall time of the whole command
+  (start-up, data, cached checkpoints, run, report) and of the run alone
+  (for shards, the slowest shard's);
 - peak memory per simulated device at 1,000, 10,000 and 100,000 devices (15
   virtual minutes, in-process bus): the peak RSS of the run minus the peak RSS
   of the same run with one device (data, models, imports, bus and report all
@@ -88,20 +91,22 @@ def spawn(kind: str, devices: int, duration: str, batched: bool, folder: str, th
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def sharded(shards: int, folder: str) -> tuple[int, float]:
-    """`duet run` of the 10,000-device scenario over Kafka with ``shards`` processes: (sessions, wall s)."""
+def sharded(kind: str, shards: int, folder: str) -> tuple[int, float, float]:
+    """`duet run` of the 10,000-device scenario on bus ``kind`` with ``shards`` processes: (sessions, wall s
+    of the command, wall s of the run alone: for shards, the slowest shard's)."""
     import yaml
 
-    doc = dict(SCENARIO, duration="15m", output=str(Path(folder) / f"shards-{shards}"))
+    doc = dict(SCENARIO, duration="15m", output=str(Path(folder) / f"shards-{kind}-{shards}"))
     doc["devices"] = {"count": 10_000}
-    path = Path(folder) / "shards.yaml"
+    doc["bus"] = {"kind": kind}
+    path = Path(folder) / f"shards-{kind}.yaml"
     path.write_text(yaml.safe_dump(doc))
     args = [sys.executable, "-m", "duet_bus.cli", "run", str(path), "--no-dashboard"]
     start = time.perf_counter()
     subprocess.run(args + (["--shards", str(shards)] if shards > 1 else []), capture_output=True, check=True)
     wall = time.perf_counter() - start
-    result = json.loads((Path(doc["output"]) / "results.json").read_text())
-    return result["run"]["sessions"], wall
+    run = json.loads((Path(doc["output"]) / "results.json").read_text())["run"]
+    return run["sessions"], wall, max((s["wall_s"] for s in run.get("shards", ())), default=run["wall_s"])
 
 
 def main() -> None:
@@ -141,15 +146,19 @@ def main() -> None:
                               f"{r['run_wall_s']:.1f}", f"{rates[threads]:,.0f}", f"{rates[threads] / rates[cores]:.2f}x")
         console.print(table)
 
-        table = Table(title="One run over shards (10,000 devices, Kafka, 15 virtual min; wall s of the whole "
-                            "command: data, cached checkpoints, run, report)")
-        for col in ("Processes", "Sessions", "Wall s", "Sessions / s", "vs one process"):
+        table = Table(title="One run over shards (10,000 devices, 15 virtual min; the whole command: start-up, "
+                            "data, cached checkpoints, run, report; the run alone: for shards, the slowest shard's)")
+        for col in ("Bus", "Processes", "Sessions", "Command wall s", "Sessions / s", "vs one process",
+                    "Run wall s", "Sessions / s", "vs one process"):
             table.add_column(col, justify="right")
-        walls = {}
-        for shards in (1, 2):
-            sessions, walls[shards] = sharded(shards, folder)
-            table.add_row(str(shards), f"{sessions:,}", f"{walls[shards]:.1f}", f"{sessions / walls[shards]:,.0f}",
-                          f"{walls[1] / walls[shards]:.2f}x")
+        for kind in ("memory", "kafka"):
+            walls, runs = {}, {}
+            for shards in (1, 2):
+                sessions, walls[shards], runs[shards] = sharded(kind, shards, folder)
+                table.add_row("in-process" if kind == "memory" else "Kafka (Tansu)", str(shards), f"{sessions:,}",
+                              f"{walls[shards]:.1f}", f"{sessions / walls[shards]:,.0f}",
+                              f"{walls[1] / walls[shards]:.2f}x", f"{runs[shards]:.1f}",
+                              f"{sessions / runs[shards]:,.0f}", f"{runs[1] / runs[shards]:.2f}x")
         console.print(table)
 
         table = Table(title="Peak memory per simulated device (in-process bus, batched, 4 methods, 15 virtual min)")

@@ -368,6 +368,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                                      ("--shard", bool(args.shard)), ("--collect", bool(args.collect))) if on]
     if len(several) > 1:
         raise ConfigError(f"{' and '.join(several)}: one at a time")
+    if args.shard_out and not args.shard:
+        raise ConfigError("--shard-out: only with --shard (`duet run --shards N` gives it to its shards)")
     if args.collect:
         return _collect(scenario, args)
     if len(scenario.seeds) > 1:
@@ -398,7 +400,7 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
     """`duet run --shards N` (the devices over N processes of this host) or `--shard k/N` (one of them)."""
     from duet_bus.report import run_table
     from duet_bus.runner import load_checkpoints, prepare_data
-    from duet_bus.shards import parse_shard, run_shard, run_sharded
+    from duet_bus.shards import parse_shard, run_memory_shard, run_shard, run_sharded
     from duet_bus.train import progress_bar
 
     shard = parse_shard(args.shard, args.run_id) if args.shard else None
@@ -406,9 +408,13 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         checkpoints = load_checkpoints(scenario, prepared, progress)
     if shard is not None:
-        state = run_shard(scenario, prepared, checkpoints, shard)
+        if args.shard_out:
+            state = run_memory_shard(scenario, prepared, checkpoints, shard, Path(args.shard_out))
+        else:
+            state = run_shard(scenario, prepared, checkpoints, shard)
         console.print(f"shard {shard.index}/{shard.count} of run {shard.run_id}: {state.sessions} sessions in "
-                      f"{state.wall_s:.1f} s, records published on the reports topic")
+                      f"{state.wall_s:.1f} s, records " + (f"in {args.shard_out}" if args.shard_out
+                                                           else "published on the reports topic"))
         return 130 if state.interrupted else 0
     child = ["run", args.file, *(a for item in args.set or () for a in ("--set", item))]
     if args.output:
@@ -515,10 +521,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a setting of the file, e.g. --set model.backbone=din (repeatable)")
     p.add_argument("--shards", type=int, help="split the devices over this many runner processes of this host, "
-                                              "served by one cloud and reported as one run")
+                                              "reported as one run (over Kafka served by one cloud; on the "
+                                              "in-process bus each with its own)")
     p.add_argument("--shard", metavar="K/N", help="run shard K of N against the cluster in bus.bootstrap "
                                                   "(one per host; the cloud: `duet cloud` workers)")
     p.add_argument("--run-id", help="with --shard and --collect: the run's id, the same for all its shards")
+    p.add_argument("--shard-out", metavar="FILE", help="with --shard on the in-process bus: run the shard with "
+                                                       "its own cloud and write its records to FILE (what "
+                                                       "--shards N does for each shard)")
     p.add_argument("--collect", type=int, metavar="N", help="write the report of run --run-id from its N "
                                                             "shards' records on the cluster's reports topic")
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")

@@ -19,16 +19,25 @@ metrics (delays are measured, so they differ).
   same checkpoint files (give them in `model.checkpoints`).
 - `collect_run` (`duet run --collect N --run-id R`): the report of a run whose
   shards ran elsewhere.
+
+With the in-process bus (`bus.kind: memory`) there is no broker to meet on:
+`duet run --shards N` then runs every shard with its own in-process cloud
+(`run_memory_shard`), each child writes its records to a file in the same
+messages it would publish, and the parent reads them (`read_records`). The
+sessions, their metrics and the report are those of one process, and the
+run uses as many cores as it has shards.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import secrets
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -62,16 +71,61 @@ def parse_shard(text: str, run_id: str | None) -> Shard:
     return Shard(int(index), int(count), run_id, cloud=False)
 
 
-async def publish_records(bus, topics: Topics, shard: Shard, state: RunState, run: dict) -> None:
-    """A shard's records on the reports topic, in parts; its last part carries its figures and shifts."""
+def shard_messages(shard: Shard, state: RunState, run: dict) -> list[ShardRecords]:
+    """A shard's records in parts; its last part carries its figures and shifts."""
     rows = [record.row() for record in state.records]
     parts = [rows[i: i + ROWS_PER_PART] for i in range(0, len(rows), ROWS_PER_PART)] or [[]]
     shifts = [asdict(event) for event in state.shifts]
-    for n, part in enumerate(parts):
-        done = n == len(parts) - 1
-        message = ShardRecords(run_id=shard.run_id, shard=shard.index, shards=shard.count, part=n, rows=part,
-                               done=done, run=run if done else {}, shifts=shifts if done else [])
+    return [ShardRecords(run_id=shard.run_id, shard=shard.index, shards=shard.count, part=n, rows=part,
+                         done=n == len(parts) - 1, run=run if n == len(parts) - 1 else {},
+                         shifts=shifts if n == len(parts) - 1 else [])
+            for n, part in enumerate(parts)]
+
+
+async def publish_records(bus, topics: Topics, shard: Shard, state: RunState, run: dict) -> None:
+    """A shard's records on the reports topic, in parts."""
+    for message in shard_messages(shard, state, run):
         await bus.send(topics.reports, protocol.encode(message), key=shard.run_id.encode(), partition=0)
+
+
+def write_records(path: Path, messages: list[ShardRecords]) -> None:
+    """An in-process shard's records: each part as on the reports topic, after its length (4 bytes, big
+    endian). Written to a temporary name and renamed, so a file that exists is complete."""
+    part = path.with_name(path.name + ".part")
+    with open(part, "wb") as f:
+        for message in messages:
+            data = protocol.encode(message)
+            f.write(len(data).to_bytes(4, "big") + data)
+    part.replace(path)
+
+
+def read_records(path: Path, run_id: str, shard: int, count: int) -> list[ShardRecords]:
+    """Shard ``shard``'s records from the file `write_records` wrote; an error naming the file and what is
+    wrong with it when it is not one shard's complete records of run ``run_id``."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DuetError(f"run {run_id}: shard {shard} wrote no records ({exc.strerror}: {path})") from exc
+    messages: list[ShardRecords] = []
+    at = 0
+    while at < len(data):
+        size = int.from_bytes(data[at: at + 4], "big")
+        if at + 4 + size > len(data):
+            raise DuetError(f"run {run_id}: {path}: cut short in part {len(messages)} "
+                            f"({len(data) - at - 4} of {size} bytes)")
+        try:
+            message = protocol.decode(data[at + 4: at + 4 + size])
+        except ProtocolError as exc:
+            raise DuetError(f"run {run_id}: {path}: part {len(messages)} is not a shard's records ({exc})") from exc
+        if not isinstance(message, ShardRecords) or (message.run_id, message.shard, message.shards,
+                                                     message.part) != (run_id, shard, count, len(messages)):
+            raise DuetError(f"run {run_id}: {path}: part {len(messages)} is not part {len(messages)} of shard "
+                            f"{shard}/{count} of this run")
+        messages.append(message)
+        at += 4 + size
+    if not messages or not messages[-1].done:
+        raise DuetError(f"run {run_id}: {path}: shard {shard}'s last part is missing")
+    return messages
 
 
 async def collect_records(consumer, run_id: str, count: int, timeout_s: float,
@@ -111,7 +165,8 @@ async def collect_records(consumer, run_id: str, count: int, timeout_s: float,
 def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
           cloud: dict | None = None) -> tuple[list[dict], list[dict], dict]:
     """The shards' rows in the one-process order (by start, device, method), their shifts with every
-    shard's devices, and the run's figures."""
+    shard's devices, and the run's figures. ``cloud``: the figures of the cloud that served the shards;
+    without them, the shards' own clouds (in-process shards) summed, or none ("elsewhere")."""
     order = {m: i for i, m in enumerate(scenario.methods)}
     rows = [row for m in messages for row in m.rows]
     rows.sort(key=lambda r: (r["start_s"], int(r["device_id"].split("-")[0][1:]), order[r["method"]]))
@@ -134,7 +189,9 @@ def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
         "virtual_s": virtual, "wall_s": wall_s, "speedup": virtual / max(wall_s, 1e-9),
         "sessions": total("sessions"), "finished": all(run["finished"] for run in runs),
         "interrupted": any(run["interrupted"] for run in runs), "checkpoints": runs[0]["checkpoints"],
-        "cloud": cloud if cloud is not None else {"workers": "elsewhere (duet cloud)"},
+        "cloud": cloud if cloud is not None else (
+            {k: total("cloud", k) for k in runs[0]["cloud"]} if total("cloud", "workers")
+            else {"workers": "elsewhere (duet cloud)"}),
         "over_the_bus": {k: total("over_the_bus", k) for k in runs[0]["over_the_bus"]},
         "fleet": {k: total("fleet", k) for k in runs[0]["fleet"]},
         "shards": [{"shard": m.shard, "sessions": m.run["sessions"], "wall_s": m.run["wall_s"]} for m in done],
@@ -146,7 +203,8 @@ def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoi
     """One shard of a run: its devices against the scenario's cluster; its records go to the reports topic."""
     if scenario.bus_kind != "kafka" or not scenario.bootstrap:
         raise ConfigError("--shard: shards meet on a Kafka cluster: give bus.bootstrap (e.g. --set "
-                          "bus.bootstrap=host:9092)")
+                          "bus.bootstrap=host:9092); on the in-process bus, `--shards N` splits a run over "
+                          "this host's processes")
     topics = shard_topics(shard.count)
 
     async def publish(bus, state: RunState) -> None:
@@ -154,6 +212,19 @@ def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoi
 
     return asyncio.run(run_async(scenario, prepared, checkpoints, scenario.bootstrap, topics=topics,
                                  security=kafka_security(scenario), shard=shard, then=publish))
+
+
+def run_memory_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard,
+                     path: Path) -> RunState:
+    """One shard of `duet run --shards N` on the in-process bus: its devices and a cloud of its own in this
+    process (a cloud's replies depend on nothing but the request); its records written to ``path``."""
+    if scenario.bus_kind != "memory":
+        raise ConfigError("--shard-out: only for shards on the in-process bus (bus.kind: memory)")
+    shard = replace(shard, cloud=True)
+    state = asyncio.run(run_async(scenario, prepared, checkpoints, None, topics=shard_topics(shard.count),
+                                  shard=shard))
+    write_records(path, shard_messages(shard, state, run_figures(state, checkpoints)))
+    return state
 
 
 def collect_run(scenario: Scenario, count: int, run_id: str, timeout_s: float = 3600.0) -> tuple[dict, Path]:
@@ -187,9 +258,17 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
     """`duet run FILE --shards N` on one host: this process holds the broker (unless the scenario names a
     cluster), the cloud workers and the collector; ``count`` child processes (``duet <child_args> --shard
     k/N``) simulate the devices. ``checkpoints`` are loaded (trained and cached) before: the shards load
-    the same files from the cache."""
-    if scenario.bus_kind != "kafka":
-        raise ConfigError("--shards: shards meet over Kafka (bus.kind: kafka)")
+    the same files from the cache. On the in-process bus each shard has a cloud of its own instead."""
+    cores = os.cpu_count() or 1
+    if count > cores:
+        echo(f"--shards {count} on {cores} cores: the shards share cores, so the device times measured in "
+             f"them (sessions timed alone) are slower than a device's")
+    if scenario.bus_kind == "memory":
+        with tempfile.TemporaryDirectory(prefix="duet-shards-") as folder:
+            messages, wall = asyncio.run(_memory_sharded(count, child_args, Path(folder), echo))
+        rows, shifts, figures = merge(scenario, messages, wall)
+        out = Path(scenario.output)
+        return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
     security = kafka_security(scenario)
     broker = EmbeddedBroker() if not scenario.bootstrap else None
     try:
@@ -239,6 +318,29 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
             task.cancel()
         await stop_cloud(services, workers, stop)
         await bus.stop()
+
+
+async def _memory_sharded(count: int, child_args: list[str], folder: Path,
+                          echo) -> tuple[list[ShardRecords], float]:
+    """``count`` in-process shards as child processes, each writing its records into ``folder``; the first
+    that fails stops the others."""
+    run_id = secrets.token_hex(4)
+    files = [folder / f"shard-{k}.records" for k in range(count)]
+    start = time.perf_counter()
+    children = [asyncio.create_task(_child(child_args + ["--shard", f"{k}/{count}", "--run-id", run_id,
+                                                         "--shard-out", str(files[k])]))
+                for k in range(count)]
+    echo(f"run {run_id}: {count} shards started, each with its own in-process cloud")
+    try:
+        for done in asyncio.as_completed(children):
+            code = await done
+            if code != 0:
+                raise DuetError(f"run {run_id}: a shard process failed (exit code {code}); see above")
+    finally:
+        for task in children:
+            task.cancel()
+    wall = time.perf_counter() - start
+    return [m for k in range(count) for m in read_records(files[k], run_id, k, count)], wall
 
 
 async def _child(args: list[str]) -> int:

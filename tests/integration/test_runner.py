@@ -229,6 +229,33 @@ def test_two_shards_give_the_one_process_run(scenario_file, kafka_bootstrap, cap
     assert "2 shards started" in capsys.readouterr().out
 
 
+def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys):
+    """`duet run --shards 2` on the in-process bus: two processes, each with its own cloud, their records
+    through files, one report with the same sessions and per-session metrics as one process, the shift's
+    devices from both shards and every request answered by the shards' clouds together."""
+    from duet_bus.cli import main
+
+    _, single = run(scenario_file, "memory-one-process", None, bus_kind="memory")
+    out = single.parent / "memory-two-shards"
+    code = main(["run", str(scenario_file), "--shards", "2", "--output", str(out), "--no-dashboard",
+                 "--set", "bus.kind=memory"])
+    assert code == 0
+    a, b = _by_session(single), _by_session(out)
+    assert list(a) == list(b) and len(a) > 100  # same sessions, in the same order
+    for key, row in a.items():
+        for column in ("auc", "ndcg10", "hr10", "logloss", "start_s", "user", "profile", "fallback"):
+            assert b[key][column] == row[column] or float(b[key][column]) == pytest.approx(float(row[column]),
+                                                                                          abs=1e-6), (key, column)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (single, out))
+    assert [s["devices"] for s in one["shifts"]] == [s["devices"] for s in two["shifts"]]
+    assert [s["shard"] for s in two["run"]["shards"]] == [0, 1]
+    assert all(s["sessions"] > 0 for s in two["run"]["shards"])
+    assert two["run"]["cloud"]["workers"] == 2  # one in each shard
+    assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] == \
+        one["run"]["over_the_bus"]["answered"] > 0
+    assert "2 shards started, each with its own in-process cloud" in capsys.readouterr().out
+
+
 def test_shard_flags_are_checked(scenario_file, capsys):
     from duet_bus.cli import main
 
@@ -239,7 +266,10 @@ def test_shard_flags_are_checked(scenario_file, capsys):
                           (["--collect", "2"], "--collect: needs --run-id"),
                           (["--shards", "0"], "--shards: must be a positive number, got 0"),
                           (["--collect", "-1", "--run-id", "x"], "--collect: must be a positive number"),
-                          (["--shard", "one/two", "--run-id", "x"], "--shard: must be k/N")):
+                          (["--shard", "one/two", "--run-id", "x"], "--shard: must be k/N"),
+                          (["--shard-out", "x.records"], "--shard-out: only with --shard"),
+                          (["--shard", "0/2", "--run-id", "x", "--shard-out", "x.records"],
+                           "--shard-out: only for shards on the in-process bus")):
         assert main(["run", str(scenario_file), *args]) == 2
         assert message in capsys.readouterr().err, args
 
