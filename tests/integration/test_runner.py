@@ -1,6 +1,7 @@
 """A tiny scenario end to end on the real embedded broker."""
 
 import csv
+import gc
 import json
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from duet_bus.runner import load_checkpoints, prepare_data, run_scenario
+from duet_bus.runner import YOUNG_COLLECTION_EVERY, load_checkpoints, prepare_data, run_scenario
 from duet_bus.scenario import load_scenario
 from duet_bus.testing import write_udata, write_uitem
 
@@ -35,14 +36,14 @@ def scenario_file(tmp_path_factory):
     return path
 
 
-def run(path, label, bootstrap, **changes):
+def run(path, label, bootstrap, on_step=None, **changes):
     """Run the scenario into a sibling of its output folder, so that every run shares the checkpoint cache."""
     from dataclasses import replace
 
     scenario = load_scenario(path)
     scenario = replace(scenario, output=str(Path(scenario.output).parent / label), bootstrap=bootstrap, **changes)
     prepared = prepare_data(scenario)
-    return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared))
+    return run_scenario(scenario, prepared, load_checkpoints(scenario, prepared), on_step=on_step)
 
 
 def rows(out):
@@ -51,10 +52,12 @@ def rows(out):
 
 
 def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
-    threads = torch.get_num_threads()
-    doc, out = run(scenario_file, "first", kafka_bootstrap)
+    threads, collector = torch.get_num_threads(), gc.get_threshold()
+    during = set()
+    doc, out = run(scenario_file, "first", kafka_bootstrap, on_step=lambda state: during.add(gc.get_threshold()))
     assert doc["run"]["finished"] and not doc["run"]["interrupted"]
     assert doc["scenario"]["torch_threads"] == 1 and torch.get_num_threads() == threads  # put back after the run
+    assert during == {(YOUNG_COLLECTION_EVERY, *collector[1:])} and gc.get_threshold() == collector  # and this
     assert set(doc["methods"]) == {"base", "finetune", "duet_no_swa", "duet"}
     for m, r in doc["methods"].items():
         assert r["sessions"] == doc["run"]["sessions"] > 0
