@@ -408,10 +408,11 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
     with progress_bar() as progress:
         checkpoints = load_checkpoints(scenario, prepared, progress)
     if shard is not None:
+        ticker = _Ticker(scenario.duration_s)
         if args.shard_out:
-            state = run_memory_shard(scenario, prepared, checkpoints, shard, Path(args.shard_out))
+            state = run_memory_shard(scenario, prepared, checkpoints, shard, Path(args.shard_out), on_step=ticker)
         else:
-            state = run_shard(scenario, prepared, checkpoints, shard)
+            state = run_shard(scenario, prepared, checkpoints, shard, on_step=ticker)
         console.print(f"shard {shard.index}/{shard.count} of run {shard.run_id}: {state.sessions} sessions in "
                       f"{state.wall_s:.1f} s, records " + (f"in {args.shard_out}" if args.shard_out
                                                            else "published on the reports topic"))

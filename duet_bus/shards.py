@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from duet_bus import protocol
 from duet_bus.broker import BrokerError, EmbeddedBroker
@@ -199,7 +199,8 @@ def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
     return rows, shifts, figures
 
 
-def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard) -> RunState:
+def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard,
+              on_step: Callable[[RunState], None] | None = None) -> RunState:
     """One shard of a run: its devices against the scenario's cluster; its records go to the reports topic."""
     if scenario.bus_kind != "kafka" or not scenario.bootstrap:
         raise ConfigError("--shard: shards meet on a Kafka cluster: give bus.bootstrap (e.g. --set "
@@ -210,18 +211,18 @@ def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoi
     async def publish(bus, state: RunState) -> None:
         await publish_records(bus, topics, shard, state, run_figures(state, checkpoints))
 
-    return asyncio.run(run_async(scenario, prepared, checkpoints, scenario.bootstrap, topics=topics,
+    return asyncio.run(run_async(scenario, prepared, checkpoints, scenario.bootstrap, on_step, topics=topics,
                                  security=kafka_security(scenario), shard=shard, then=publish))
 
 
 def run_memory_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard,
-                     path: Path) -> RunState:
+                     path: Path, on_step: Callable[[RunState], None] | None = None) -> RunState:
     """One shard of `duet run --shards N` on the in-process bus: its devices and a cloud of its own in this
     process (a cloud's replies depend on nothing but the request); its records written to ``path``."""
     if scenario.bus_kind != "memory":
         raise ConfigError("--shard-out: only for shards on the in-process bus (bus.kind: memory)")
     shard = replace(shard, cloud=True)
-    state = asyncio.run(run_async(scenario, prepared, checkpoints, None, topics=shard_topics(shard.count),
+    state = asyncio.run(run_async(scenario, prepared, checkpoints, None, on_step, topics=shard_topics(shard.count),
                                   shard=shard))
     write_records(path, shard_messages(shard, state, run_figures(state, checkpoints)))
     return state
@@ -305,7 +306,8 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
         await cloud_ready(services, topics)
         start = time.perf_counter()
         children = [asyncio.create_task(_child(child_args + ["--shard", f"{k}/{count}", "--run-id", run_id,
-                                                             "--set", f"bus.bootstrap={bootstrap}"]))
+                                                             "--set", f"bus.bootstrap={bootstrap}"],
+                                               echo, f"shard {k}/{count}:"))
                     for k in range(count)]
         echo(f"run {run_id}: {count} shards started, the cloud ({len(services)} worker(s)) here")
         messages = await collect_records(collector, run_id, count, timeout_s=24 * 3600, running=children)
@@ -316,6 +318,7 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
     finally:
         for task in children:
             task.cancel()
+        await asyncio.gather(*children, return_exceptions=True)  # each killed and reaped before the loop ends
         await stop_cloud(services, workers, stop)
         await bus.stop()
 
@@ -328,7 +331,7 @@ async def _memory_sharded(count: int, child_args: list[str], folder: Path,
     files = [folder / f"shard-{k}.records" for k in range(count)]
     start = time.perf_counter()
     children = [asyncio.create_task(_child(child_args + ["--shard", f"{k}/{count}", "--run-id", run_id,
-                                                         "--shard-out", str(files[k])]))
+                                                         "--shard-out", str(files[k])], echo, f"shard {k}/{count}:"))
                 for k in range(count)]
     echo(f"run {run_id}: {count} shards started, each with its own in-process cloud")
     try:
@@ -339,18 +342,24 @@ async def _memory_sharded(count: int, child_args: list[str], folder: Path,
     finally:
         for task in children:
             task.cancel()
+        await asyncio.gather(*children, return_exceptions=True)  # each killed and reaped before the loop ends
     wall = time.perf_counter() - start
     return [m for k in range(count) for m in read_records(files[k], run_id, k, count)], wall
 
 
-async def _child(args: list[str]) -> int:
-    """One shard process (`duet run ... --shard k/N`); its exit code. Its progress lines are not shown."""
+async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int:
+    """One shard process (`duet run ... --shard k/N`); its exit code. Its output lines (progress, its last
+    line) are passed to ``echo`` after ``label``; its errors go to this process's stderr."""
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet_bus.cli", *args, "--no-dashboard",
-                                                   stdout=asyncio.subprocess.DEVNULL)
+                                                   stdout=asyncio.subprocess.PIPE)
     try:
+        async for line in process.stdout:
+            text = line.decode(errors="replace").strip()
+            if text:  # its last line names its shard already
+                echo(text if text.startswith(label.rstrip(":")) else f"{label} {text}")
         return await process.wait()
     except asyncio.CancelledError:
         if process.returncode is None:
             process.kill()
-            await process.wait()
+        await process.communicate()  # the rest of its output, then its exit: its pipes are closed
         raise

@@ -256,7 +256,49 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys):
     assert two["run"]["cloud"]["workers"] == 2  # one in each shard
     assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] == \
         one["run"]["over_the_bus"]["answered"] > 0
-    assert "2 shards started, each with its own in-process cloud" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "2 shards started, each with its own in-process cloud" in printed
+    for k in (0, 1):  # each shard's progress and last line, through the parent
+        assert f"shard {k}/2: virtual   3.00 h" in printed and f"\nshard {k}/2 of run" in printed, printed
+
+
+def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file, tmp_path):
+    """SIGKILL one in-process shard at its first progress line: the run ends with an error naming its exit
+    code, and the other shard is stopped and reaped, not left running or waited for."""
+    import asyncio
+    import os
+    import signal
+
+    from duet_bus.errors import DuetError
+    from duet_bus.shards import _memory_sharded
+
+    scenario = load_scenario(scenario_file)
+    prepared = prepare_data(scenario)
+    load_checkpoints(scenario, prepared)  # cached for the shards, as `duet run --shards` does first
+
+    def shards() -> list[int]:
+        found = []
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(tmp_path).encode() in cmdline and b"--shard-out" in cmdline:
+                found.append(int(pid))
+        return found
+
+    killed = []
+
+    def echo(line: str) -> None:
+        if not killed and line.startswith("shard 0/2: virtual"):
+            pid = next(pid for pid in shards() if b"shard-0.records" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(tmp_path / "out")]
+    with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
+        asyncio.run(_memory_sharded(2, args, tmp_path, echo))
+    assert killed and shards() == []  # both gone: the killed one and the one stopped after it
 
 
 def test_shard_flags_are_checked(scenario_file, capsys):
