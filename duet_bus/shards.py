@@ -76,9 +76,9 @@ def shard_messages(shard: Shard, state: RunState, run: dict) -> list[ShardRecord
     rows = [record.row() for record in state.records]
     parts = [rows[i: i + ROWS_PER_PART] for i in range(0, len(rows), ROWS_PER_PART)] or [[]]
     shifts = [asdict(event) for event in state.shifts]
+    last = len(parts) - 1
     return [ShardRecords(run_id=shard.run_id, shard=shard.index, shards=shard.count, part=n, rows=part,
-                         done=n == len(parts) - 1, run=run if n == len(parts) - 1 else {},
-                         shifts=shifts if n == len(parts) - 1 else [])
+                         done=n == last, run=run if n == last else {}, shifts=shifts if n == last else [])
             for n, part in enumerate(parts)]
 
 
@@ -324,7 +324,7 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
 
 
 async def _memory_sharded(count: int, child_args: list[str], folder: Path,
-                          echo) -> tuple[list[ShardRecords], float]:
+                          echo: Callable[[str], Any]) -> tuple[list[ShardRecords], float]:
     """``count`` in-process shards as child processes, each writing its records into ``folder``; the first
     that fails stops the others."""
     run_id = secrets.token_hex(4)
