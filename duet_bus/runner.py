@@ -35,7 +35,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import numpy as np
 import simpy
@@ -606,6 +606,28 @@ async def run_async(scenario: Scenario, prepared: Any, checkpoints: dict[str, Ch
         await bus.stop()
 
 
+def run_interruptible(start: Callable[[Callable[[RunState], None]], Awaitable[RunState]],
+                      on_step: Callable[[RunState], None] | None = None) -> RunState:
+    """``asyncio.run(start(step))`` for a run that calls ``step`` at each instant (and passes it to
+    ``on_step``); on Ctrl-C, the run's state as of its end, marked interrupted: its sessions so far are
+    reported."""
+    holder: dict[str, RunState] = {}
+
+    def step(s: RunState) -> None:
+        holder["state"] = s
+        if on_step is not None:
+            on_step(s)
+
+    try:
+        return asyncio.run(start(step))
+    except KeyboardInterrupt:
+        state = holder.get("state")
+        if state is None:
+            raise
+        state.interrupted = True
+        return state
+
+
 def run_scenario(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint],
                  on_step: Callable[[RunState], None] | None = None) -> tuple[dict, Path]:
     """Run a scenario end to end and write its report; return the results document and the output folder.
@@ -616,23 +638,12 @@ def run_scenario(scenario: Scenario, prepared: Any, checkpoints: dict[str, Check
     """
     security = kafka_security(scenario)  # a missing password stops the run before anything starts
     broker = EmbeddedBroker() if scenario.bus_kind == "kafka" and not scenario.bootstrap else None
-    holder: dict[str, RunState] = {}
-
-    def step(s: RunState) -> None:
-        holder["state"] = s
-        if on_step is not None:
-            on_step(s)
-
     try:
         if broker is not None:
             broker.start()
         bootstrap = broker.bootstrap if broker is not None else scenario.bootstrap
-        state = asyncio.run(run_async(scenario, prepared, checkpoints, bootstrap, step, security=security))
-    except KeyboardInterrupt:
-        state = holder.get("state")
-        if state is None:
-            raise
-        state.interrupted = True
+        state = run_interruptible(lambda step: run_async(scenario, prepared, checkpoints, bootstrap, step,
+                                                         security=security), on_step)
     finally:
         if broker is not None:
             broker.stop()

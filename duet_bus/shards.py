@@ -34,6 +34,7 @@ import asyncio
 import logging
 import os
 import secrets
+import signal
 import sys
 import tempfile
 import time
@@ -49,11 +50,12 @@ from duet_bus.errors import ConfigError, DuetError
 from duet_bus.protocol import ProtocolError, ShardRecords
 from duet_bus.report import write_run
 from duet_bus.runner import (RunState, Shard, cloud_figures, cloud_ready, cloud_workers, kafka_security, run_async,
-                             run_figures, scenario_doc, stop_cloud)
+                             run_figures, run_interruptible, scenario_doc, stop_cloud)
 from duet_bus.scenario import Scenario
 
 log = logging.getLogger("duet.shards")
 ROWS_PER_PART = 1000
+STOP_S = 60.0  # how long a shard process asked to stop may take to report what it has done
 
 
 def shard_topics(count: int) -> Topics:
@@ -222,9 +224,9 @@ def run_memory_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, C
     if scenario.bus_kind != "memory":
         raise ConfigError("--shard-out: only for shards on the in-process bus (bus.kind: memory)")
     shard = replace(shard, cloud=True)
-    state = asyncio.run(run_async(scenario, prepared, checkpoints, None, on_step, topics=shard_topics(shard.count),
-                                  shard=shard))
-    write_records(path, shard_messages(shard, state, run_figures(state, checkpoints)))
+    state = run_interruptible(lambda step: run_async(scenario, prepared, checkpoints, None, step,
+                                                     topics=shard_topics(shard.count), shard=shard), on_step)
+    write_records(path, shard_messages(shard, state, run_figures(state, checkpoints)))  # interrupted: so far
     return state
 
 
@@ -265,8 +267,18 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
         echo(f"--shards {count} on {cores} cores: the shards share cores, so the device times measured in "
              f"them (sessions timed alone) are slower than a device's")
     if scenario.bus_kind == "memory":
+        run_id = secrets.token_hex(4)
         with tempfile.TemporaryDirectory(prefix="duet-shards-") as folder:
-            messages, wall = asyncio.run(_memory_sharded(count, child_args, Path(folder), echo))
+            files = [Path(folder) / f"shard-{k}.records" for k in range(count)]
+            start = time.perf_counter()
+            try:
+                asyncio.run(_memory_sharded(run_id, files, child_args, echo))
+            except KeyboardInterrupt:  # each shard was asked to stop, and wrote its sessions so far
+                if not any(f.exists() for f in files):
+                    raise
+                echo(f"run {run_id}: interrupted; the report covers the sessions done so far")
+            wall = time.perf_counter() - start
+            messages = [m for k, f in enumerate(files) if f.exists() for m in read_records(f, run_id, k, count)]
         rows, shifts, figures = merge(scenario, messages, wall)
         out = Path(scenario.output)
         return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
@@ -318,18 +330,16 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
     finally:
         for task in children:
             task.cancel()
-        await asyncio.gather(*children, return_exceptions=True)  # each killed and reaped before the loop ends
+        await asyncio.gather(*children, return_exceptions=True)  # each stopped and reaped before the loop ends
         await stop_cloud(services, workers, stop)
         await bus.stop()
 
 
-async def _memory_sharded(count: int, child_args: list[str], folder: Path,
-                          echo: Callable[[str], Any]) -> tuple[list[ShardRecords], float]:
-    """``count`` in-process shards as child processes, each writing its records into ``folder``; the first
-    that fails stops the others."""
-    run_id = secrets.token_hex(4)
-    files = [folder / f"shard-{k}.records" for k in range(count)]
-    start = time.perf_counter()
+async def _memory_sharded(run_id: str, files: list[Path], child_args: list[str],
+                          echo: Callable[[str], Any]) -> None:
+    """One in-process shard per file of ``files`` as a child process, each writing its records into its
+    file; the first that fails stops the others."""
+    count = len(files)
     children = [asyncio.create_task(_child(child_args + ["--shard", f"{k}/{count}", "--run-id", run_id,
                                                          "--shard-out", str(files[k])], echo, f"shard {k}/{count}:"))
                 for k in range(count)]
@@ -342,16 +352,18 @@ async def _memory_sharded(count: int, child_args: list[str], folder: Path,
     finally:
         for task in children:
             task.cancel()
-        await asyncio.gather(*children, return_exceptions=True)  # each killed and reaped before the loop ends
-    wall = time.perf_counter() - start
-    return [m for k in range(count) for m in read_records(files[k], run_id, k, count)], wall
+        await asyncio.gather(*children, return_exceptions=True)  # each stopped and reaped before the loop ends
 
 
 async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int:
     """One shard process (`duet run ... --shard k/N`); its exit code. Its output lines (progress, its last
-    line) are passed to ``echo`` after ``label``; its errors go to this process's stderr."""
+    line) are passed to ``echo`` after ``label``; its errors go to this process's stderr.
+
+    It runs in a session of its own, so that Ctrl-C reaches only the parent, which stops it once: cancelled,
+    this sends it SIGINT (a shard then reports what it has done, as a run does on Ctrl-C) and waits up to
+    ``STOP_S`` for it to exit before killing it."""
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet_bus.cli", *args, "--no-dashboard",
-                                                   stdout=asyncio.subprocess.PIPE)
+                                                   stdout=asyncio.subprocess.PIPE, start_new_session=True)
     try:
         async for line in process.stdout:
             text = line.decode(errors="replace").strip()
@@ -360,6 +372,10 @@ async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int
         return await process.wait()
     except asyncio.CancelledError:
         if process.returncode is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)
+            try:
+                await asyncio.wait_for(process.communicate(), STOP_S)
+            except asyncio.TimeoutError:
+                process.kill()
         await process.communicate()  # the rest of its output, then its exit: its pipes are closed
         raise

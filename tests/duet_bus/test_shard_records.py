@@ -66,4 +66,5 @@ def test_a_failing_shard_process_stops_the_run_with_its_exit_code(tmp_path):
     """A child that cannot run (here: its scenario file does not exist) ends the run with its exit code,
     not with a wait for records that never come."""
     with pytest.raises(DuetError, match=r"a shard process failed \(exit code 2\)"):
-        asyncio.run(_memory_sharded(2, ["run", str(tmp_path / "absent.yaml")], tmp_path, echo=lambda _: None))
+        asyncio.run(_memory_sharded("r1", [tmp_path / "a.records", tmp_path / "b.records"],
+                                    ["run", str(tmp_path / "absent.yaml")], echo=lambda _: None))

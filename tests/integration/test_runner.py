@@ -297,8 +297,37 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
 
     args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(tmp_path / "out")]
     with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
-        asyncio.run(_memory_sharded(2, args, tmp_path, echo))
+        asyncio.run(_memory_sharded("r1", [tmp_path / f"shard-{k}.records" for k in (0, 1)], args, echo))
     assert killed and shards() == []  # both gone: the killed one and the one stopped after it
+
+
+def test_ctrl_c_on_in_process_shards_reports_the_sessions_done_so_far(scenario_file, tmp_path):
+    """SIGINT to `duet run --shards 2` (what Ctrl-C sends it; its shards run in sessions of their own) once
+    both shards are under way: each shard is asked to stop and writes its sessions so far, and the report
+    is written, marked interrupted, as a one-process run's is; the exit code is 130."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "interrupted"
+    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
+                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
+                                "--set", "devices.count=2000", "--set", "arrivals.rate_per_hour=20"],
+                               stdout=subprocess.PIPE, text=True)
+    started = set()
+    for line in process.stdout:
+        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
+            started.add(line[:9])
+        if len(started) == 2:
+            process.send_signal(signal.SIGINT)
+            break
+    printed = process.communicate(timeout=180)[0]
+    assert process.returncode == 130, printed
+    assert "interrupted; the report covers the sessions done so far" in printed
+    run = json.loads((out / "results.json").read_text())["run"]
+    assert run["interrupted"] and not run["finished"]
+    assert [s["shard"] for s in run["shards"]] == [0, 1] and all(s["sessions"] > 0 for s in run["shards"])
+    assert run["virtual_s"] < 3 * 3600 and len(rows(out)) == 4 * run["sessions"]  # stopped before its end
 
 
 def test_shard_flags_are_checked(scenario_file, capsys):
