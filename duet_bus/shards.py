@@ -131,18 +131,24 @@ def read_records(path: Path, run_id: str, shard: int, count: int) -> list[ShardR
 
 
 async def collect_records(consumer, run_id: str, count: int, timeout_s: float,
-                          running: list[asyncio.Task] | None = None) -> list[ShardRecords]:
+                          running: list[asyncio.Task] | None = None, partial: bool = False) -> list[ShardRecords]:
     """Every part of every shard of run ``run_id`` from the reports topic, shard by shard, part by part.
 
-    Stops with an error when ``timeout_s`` passes first, or when a shard process in ``running`` ends
-    without having published its last part.
+    Stops with an error when ``timeout_s`` passes first (``partial``: returns the shards complete by then),
+    or when a shard process in ``running`` ends without having published its last part.
     """
     parts: dict[int, dict[int, ShardRecords]] = {k: {} for k in range(count)}
     last: dict[int, int] = {}
     deadline = time.monotonic() + timeout_s
-    while any(k not in last or len(parts[k]) < last[k] + 1 for k in range(count)):
+
+    def complete(k: int) -> bool:
+        return k in last and len(parts[k]) == last[k] + 1
+
+    while not all(complete(k) for k in range(count)):
         missing = [k for k in range(count) if k not in last]
         if time.monotonic() > deadline:
+            if partial:
+                break
             raise BrokerError(f"run {run_id}: shard(s) {missing or 'all'} did not publish all their records "
                               f"within {timeout_s:.0f} s")
         for task in running or ():
@@ -161,7 +167,7 @@ async def collect_records(consumer, run_id: str, count: int, timeout_s: float,
             parts[message.shard][message.part] = message
             if message.done:
                 last[message.shard] = message.part
-    return [parts[k][n] for k in range(count) for n in range(last[k] + 1)]
+    return [parts[k][n] for k in range(count) if complete(k) for n in range(last[k] + 1)]
 
 
 def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
@@ -210,11 +216,25 @@ def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoi
                           "this host's processes")
     topics = shard_topics(shard.count)
 
+    security = kafka_security(scenario)
+
     async def publish(bus, state: RunState) -> None:
         await publish_records(bus, topics, shard, state, run_figures(state, checkpoints))
 
-    return asyncio.run(run_async(scenario, prepared, checkpoints, scenario.bootstrap, on_step, topics=topics,
-                                 security=kafka_security(scenario), shard=shard, then=publish))
+    async def publish_alone(state: RunState) -> None:
+        bus = KafkaBus(scenario.bootstrap, security=security)
+        await bus.start()
+        try:
+            await publish(bus, state)
+        finally:
+            await bus.stop()
+
+    state = run_interruptible(lambda step: run_async(scenario, prepared, checkpoints, scenario.bootstrap, step,
+                                                     topics=topics, security=security, shard=shard, then=publish),
+                              on_step)
+    if state.interrupted:  # stopped before (or while) its records went out: its sessions so far, on a bus of its own
+        asyncio.run(publish_alone(state))
+    return state
 
 
 def run_memory_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard,
@@ -284,12 +304,17 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
         return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
     security = kafka_security(scenario)
     broker = EmbeddedBroker() if not scenario.bootstrap else None
+    interrupted: dict[str, Any] = {}
     try:
         if broker is not None:
             broker.start()
         bootstrap = broker.bootstrap if broker is not None else scenario.bootstrap
         messages, wall, cloud = asyncio.run(_sharded(scenario, checkpoints, count, child_args, bootstrap,
-                                                     security, echo))
+                                                     security, echo, interrupted))
+    except KeyboardInterrupt:  # each shard was asked to stop, and published its sessions so far
+        if not interrupted.get("messages"):
+            raise
+        messages, wall, cloud = interrupted["messages"], interrupted["wall"], interrupted["cloud"]
     finally:
         if broker is not None:
             broker.stop()
@@ -299,7 +324,9 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
 
 
 async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
-                   bootstrap: str, security, echo) -> tuple[list[ShardRecords], float, dict]:
+                   bootstrap: str, security, echo, interrupted: dict[str, Any]) -> tuple[list[ShardRecords], float, dict]:
+    """The Kafka side of `run_sharded`. On Ctrl-C (this task cancelled) it stops the shards, collects what
+    they publish into ``interrupted`` (``asyncio.run`` then raises `KeyboardInterrupt` whatever this returns)."""
     run_id = secrets.token_hex(4)
     topics = shard_topics(count)
     bus = KafkaBus(bootstrap, security=security)
@@ -322,7 +349,22 @@ async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count
                                                echo, f"shard {k}/{count}:"))
                     for k in range(count)]
         echo(f"run {run_id}: {count} shards started, the cloud ({len(services)} worker(s)) here")
-        messages = await collect_records(collector, run_id, count, timeout_s=24 * 3600, running=children)
+        try:
+            messages = await collect_records(collector, run_id, count, timeout_s=24 * 3600, running=children)
+        except asyncio.CancelledError:  # Ctrl-C: each shard is asked to stop, and publishes what it has
+            for task in children:
+                task.cancel()
+            await asyncio.gather(*children, return_exceptions=True)
+            again = bus.partition_consumer(topics.reports, 0, from_start=True)  # the parts read before, too
+            await again.start()
+            try:
+                messages = await collect_records(again, run_id, count, timeout_s=10, partial=True)
+            finally:
+                await again.stop()
+            interrupted.update(messages=messages, wall=time.perf_counter() - start, cloud=cloud_figures(services))
+            await collector.stop()
+            echo(f"run {run_id}: interrupted; the report covers the sessions done so far")
+            raise
         wall = time.perf_counter() - start
         await asyncio.gather(*children)
         await collector.stop()

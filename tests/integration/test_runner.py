@@ -301,17 +301,20 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     assert killed and shards() == []  # both gone: the killed one and the one stopped after it
 
 
-def test_ctrl_c_on_in_process_shards_reports_the_sessions_done_so_far(scenario_file, tmp_path):
+@pytest.mark.parametrize("kind", ["memory", "kafka"])
+def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_bootstrap, tmp_path, kind):
     """SIGINT to `duet run --shards 2` (what Ctrl-C sends it; its shards run in sessions of their own) once
-    both shards are under way: each shard is asked to stop and writes its sessions so far, and the report
-    is written, marked interrupted, as a one-process run's is; the exit code is 130."""
+    both shards are under way: each shard is asked to stop and hands over its sessions so far (a file, or
+    the reports topic), and the report is written, marked interrupted, as a one-process run's is; the exit
+    code is 130."""
     import signal
     import subprocess
     import sys
 
     out = tmp_path / "interrupted"
+    bus = ["--set", "bus.kind=memory"] if kind == "memory" else ["--set", f"bus.bootstrap={kafka_bootstrap}"]
     process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
-                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
+                                "--no-dashboard", "--output", str(out), *bus,
                                 "--set", "devices.count=2000", "--set", "arrivals.rate_per_hour=20"],
                                stdout=subprocess.PIPE, text=True)
     started = set()
