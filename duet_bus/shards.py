@@ -284,8 +284,8 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
     the same files from the cache. On the in-process bus each shard has a cloud of its own instead."""
     cores = os.cpu_count() or 1
     if count > cores:
-        echo(f"--shards {count} on {cores} cores: the shards share cores, so the device times measured in "
-             f"them (sessions timed alone) are slower than a device's")
+        echo(f"--shards {count} on {cores} {'core' if cores == 1 else 'cores'}: the shards share cores, so the "
+             f"device times measured in them (sessions timed alone) are slower than a device's")
     if scenario.bus_kind == "memory":
         run_id = secrets.token_hex(4)
         with tempfile.TemporaryDirectory(prefix="duet-shards-") as folder:

@@ -232,11 +232,16 @@ def test_two_shards_give_the_one_process_run(scenario_file, kafka_bootstrap, cap
     assert "2 shards started" in capsys.readouterr().out
 
 
-def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys):
+def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, monkeypatch):
     """`duet run --shards 2` on the in-process bus: two processes, each with its own cloud, their records
     through files, one report with the same sessions and per-session metrics as one process, the shift's
-    devices from both shards and every request answered by the shards' clouds together."""
+    devices from both shards and every request answered by the shards' clouds together. (Here the parent
+    believes it has one core, and says what that means for the device times.)"""
+    import os
+
     from duet_bus.cli import main
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
 
     _, single = run(scenario_file, "memory-one-process", None, bus_kind="memory")
     out = single.parent / "memory-two-shards"
@@ -258,6 +263,7 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys):
         one["run"]["over_the_bus"]["answered"] > 0
     printed = capsys.readouterr().out
     assert "2 shards started, each with its own in-process cloud" in printed
+    assert "--shards 2 on 1 core: the shards share cores" in printed
     for k in (0, 1):  # each shard's progress and last line, through the parent
         assert f"shard {k}/2: virtual   3.00 h" in printed and f"\nshard {k}/2 of run" in printed, printed
 
