@@ -207,6 +207,21 @@ def test_seeds_in_the_scenario_file_and_their_errors(scenario_file):
         parse_scenario({**doc, "seeds": [1, 2]})
 
 
+def _same_run_over_two_shards(single: Path, out: Path) -> tuple[dict, dict]:
+    """Check that the run in ``out`` (2 shards) has the sessions of ``single`` (one process) in the same
+    order with the same metrics (to 1e-6) and the same shifted devices; return both results documents."""
+    a, b = _by_session(single), _by_session(out)
+    assert list(a) == list(b) and len(a) > 100  # same sessions, in the same order
+    for key, row in a.items():
+        for column in ("auc", "ndcg10", "hr10", "logloss", "start_s", "user", "profile", "fallback"):
+            assert b[key][column] == row[column] or float(b[key][column]) == pytest.approx(float(row[column]),
+                                                                                          abs=1e-6), (key, column)
+    one, two = (json.loads((d / "results.json").read_text()) for d in (single, out))
+    assert [s["devices"] for s in one["shifts"]] == [s["devices"] for s in two["shifts"]]
+    assert [s["shard"] for s in two["run"]["shards"]] == [0, 1]
+    return one, two
+
+
 def test_two_shards_give_the_one_process_run(scenario_file, kafka_bootstrap, capsys):
     """`duet run --shards 2`: two runner processes, one cloud, one report with the same sessions and the
     same per-session metrics as one process (delays are measured and differ), the shift's devices from
@@ -218,15 +233,7 @@ def test_two_shards_give_the_one_process_run(scenario_file, kafka_bootstrap, cap
     code = main(["run", str(scenario_file), "--shards", "2", "--output", str(out), "--no-dashboard",
                  "--set", f"bus.bootstrap={kafka_bootstrap}"])
     assert code == 0
-    a, b = _by_session(single), _by_session(out)
-    assert list(a) == list(b) and len(a) > 100  # same sessions, in the same order
-    for key, row in a.items():
-        for column in ("auc", "ndcg10", "hr10", "logloss", "start_s", "user", "profile", "fallback"):
-            assert b[key][column] == row[column] or float(b[key][column]) == pytest.approx(float(row[column]),
-                                                                                          abs=1e-6), (key, column)
-    one, two = (json.loads((d / "results.json").read_text()) for d in (single, out))
-    assert [s["devices"] for s in one["shifts"]] == [s["devices"] for s in two["shifts"]]
-    assert [s["shard"] for s in two["run"]["shards"]] == [0, 1]
+    one, two = _same_run_over_two_shards(single, out)
     assert sum(s["sessions"] for s in two["run"]["shards"]) == two["run"]["sessions"] == one["run"]["sessions"]
     assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] > 0
     assert "2 shards started" in capsys.readouterr().out
@@ -248,15 +255,7 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, m
     code = main(["run", str(scenario_file), "--shards", "2", "--output", str(out), "--no-dashboard",
                  "--set", "bus.kind=memory"])
     assert code == 0
-    a, b = _by_session(single), _by_session(out)
-    assert list(a) == list(b) and len(a) > 100  # same sessions, in the same order
-    for key, row in a.items():
-        for column in ("auc", "ndcg10", "hr10", "logloss", "start_s", "user", "profile", "fallback"):
-            assert b[key][column] == row[column] or float(b[key][column]) == pytest.approx(float(row[column]),
-                                                                                          abs=1e-6), (key, column)
-    one, two = (json.loads((d / "results.json").read_text()) for d in (single, out))
-    assert [s["devices"] for s in one["shifts"]] == [s["devices"] for s in two["shifts"]]
-    assert [s["shard"] for s in two["run"]["shards"]] == [0, 1]
+    one, two = _same_run_over_two_shards(single, out)
     assert all(s["sessions"] > 0 for s in two["run"]["shards"])
     assert two["run"]["cloud"]["workers"] == 2  # one in each shard
     assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] == \
