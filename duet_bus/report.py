@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import asdict
+from operator import attrgetter, itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -149,8 +150,22 @@ def _stats(values) -> dict[str, float]:
             "p99": float(np.percentile(v, 99))}
 
 
+def column(rows: list, key: str) -> list:
+    """One column of a run's rows: ``[r[key] for r in rows]``, read at C speed. The rows of one report are
+    all alike: a runner's records (fields, and the task's metrics in ``metrics``) or ``sessions.csv``
+    rows (dicts)."""
+    if not rows:
+        return []
+    first = rows[0]
+    if isinstance(first, dict):
+        return list(map(itemgetter(key), rows))
+    if key in first.metrics:
+        return [r.metrics[key] for r in rows]
+    return list(map(attrgetter(key), rows))
+
+
 def method_order(scenario: dict, rows: list[dict]) -> list[str]:
-    present = {r["method"] for r in rows}
+    present = set(column(rows, "method"))
     return [m for m in scenario["methods"] if m in present]
 
 
@@ -184,9 +199,11 @@ def paired_vs_base(rows: list[dict], method: str, metric: str) -> dict[str, floa
     """A method against base on the same sessions: the mean per-session difference of ``metric``, its
     standard error, and the shares of sessions won, tied and lost (every method scores every session,
     so the pairs are exact; the difference's spread is far smaller than either method's)."""
-    base = {r["session_id"]: r[metric] for r in rows if r["method"] == "base"}
-    diff = np.array([r[metric] - base[r["session_id"]] for r in rows
-                     if r["method"] == method and r["session_id"] in base])
+    grouped = by_method(rows)
+    base_rows, mine = grouped.get("base", []), grouped.get(method, [])
+    base = dict(zip(column(base_rows, "session_id"), column(base_rows, metric)))
+    diff = np.array([value - base[session] for session, value in zip(column(mine, "session_id"), column(mine, metric))
+                     if session in base])
     if len(diff) == 0:
         return {"sessions": 0, "mean": 0.0, "se": 0.0, "won": 0.0, "tied": 0.0, "lost": 0.0}
     se = float(diff.std(ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else 0.0
@@ -198,29 +215,30 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
     """The ``results.json`` document of a run."""
     metrics, primary = run_metrics(scenario)
     methods = {}
+    grouped = by_method(rows)
     for m in method_order(scenario, rows):
-        mine = [r for r in rows if r["method"] == m]
+        mine = grouped.get(m, [])
+        totals = by_profile(mine)
+        timing = _timings(mine)
         methods[m] = {"sessions": len(mine)}
         for metric in metrics:  # mean and std over sessions
-            stats = _stats([r[metric] for r in mine])
+            stats = _stats(column(mine, metric))
             methods[m][f"{metric}_mean"], methods[m][f"{metric}_std"] = stats["mean"], stats["std"]
         methods[m] |= {
-            "fallbacks": sum(bool(r["fallback"]) for r in mine),
+            "fallbacks": sum(map(bool, column(mine, "fallback"))),
             # finetune_ms and compute_ms of a batched run: timed alone for some sessions, calibrated for the rest
-            "device_timing": {kind: sum(_timing(r) == kind for r in mine) for kind in ("measured", "calibrated")},
+            "device_timing": {kind: timing.count(kind) for kind in ("measured", "calibrated")},
             "delay_ms": {
-                "total": _stats([r["total_ms"] for r in mine]),
-                "measured": {k: _stats([r[k] for r in mine]) for k in MEASURED},
-                "modelled": {k: _stats([r[k] for r in mine]) for k in MODELLED},
+                "total": _stats(column(mine, "total_ms")),
+                "measured": {k: _stats(column(mine, k)) for k in MEASURED},
+                "modelled": {k: _stats(column(mine, k)) for k in MODELLED},
             },
-            "delay_ms_p50_by_profile": {
-                p: float(np.percentile([r["total_ms"] for r in mine if r["profile"] == p], 50))
-                for p in sorted({r["profile"] for r in mine})},
-            "payload_bytes": {"upload_mean": float(np.mean([r["upload_bytes"] for r in mine])),
-                              "download_mean": float(np.mean([r["download_bytes"] for r in mine]))},
+            "delay_ms_p50_by_profile": {p: float(np.percentile(totals[p], 50)) for p in sorted(totals)},
+            "payload_bytes": {"upload_mean": float(np.mean(column(mine, "upload_bytes"))),
+                              "download_mean": float(np.mean(column(mine, "download_bytes")))},
         }
-        if m != "base" and any(r["method"] == "base" for r in rows):
-            methods[m]["vs_base"] = paired_vs_base(rows, m, primary)
+        if m != "base" and "base" in grouped:
+            methods[m]["vs_base"] = paired_vs_base(grouped["base"] + mine, m, primary)
     shift_docs = []
     for shift in shifts:
         around = {}
@@ -231,24 +249,43 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
     return {"scenario": scenario, "run": run, "methods": methods, "shifts": shift_docs}
 
 
-def _timing(row) -> str:
+def by_method(rows: list) -> dict[str, list]:
+    """A run's rows by method, in one pass (the report reads each method's sessions many times)."""
+    out: dict[str, list] = {}
+    for method, r in zip(column(rows, "method"), rows):
+        out.setdefault(method, []).append(r)
+    return out
+
+
+def by_profile(rows: list) -> dict[str, list[float]]:
+    """Each network profile's session delays (``total_ms``), in one pass."""
+    out: dict[str, list[float]] = {}
+    for profile, total in zip(column(rows, "profile"), column(rows, "total_ms")):
+        out.setdefault(profile, []).append(total)
+    return out
+
+
+def _timings(rows: list) -> list[str]:
     try:
-        return row["device_timing"]
+        return column(rows, "device_timing")
     except (KeyError, AttributeError):  # runs recorded before batching timed every session alone
-        return "measured"
+        return ["measured"] * len(rows)
 
 
 def write_run(out: Path, scenario: dict, records: list, shifts: list, run: dict) -> dict:
     """Write ``results.json``, ``sessions.csv`` and the plots; return the results document."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sessions.csv", "w", newline="") as f:  # row by row: a big run's rows never all at once
-        writer = None
+        writer, header = csv.writer(f), None
         for record in records:
             row = record.row() if hasattr(record, "row") else record  # a runner's record, or already a row
-            if writer is None:
-                writer = csv.DictWriter(f, fieldnames=list(row))
-                writer.writeheader()
-            writer.writerow(row)
+            if header is None:
+                header = list(row)
+                writer.writerow(header)
+            elif list(row) != header:
+                raise ValueError(f"session {row.get('session_id')!r}: columns {list(row)} differ from the "
+                                 f"first row's {header}")
+            writer.writerow(row.values())
     shift_dicts = [s if isinstance(s, dict) else asdict(s) for s in shifts]
     doc = summarize_run(scenario, records, shift_dicts, run)  # a record reads like a row (`record[key]`)
     (out / "results.json").write_text(json.dumps(doc, indent=2))
@@ -469,7 +506,7 @@ def _plot_shifts(plt, out: Path, doc: dict, rows: list[dict], methods: list[str]
 
 
 def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: dict) -> Path:
-    profiles = sorted({r["profile"] for r in rows})
+    profiles = sorted(set(column(rows, "profile")))
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.4))
     ax = axes[0]
     parts = [("upload_ms", "upload (modelled)"), ("bus_ms", "bus (measured)"),
@@ -477,8 +514,9 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
              ("finetune_ms", "fine-tuning (measured or calibrated)"), ("compute_ms", "inference (measured or calibrated)")]
     bottom = np.zeros(len(methods))
     cmap = plt.get_cmap("Set2")
+    grouped = by_method(rows)
     for j, (key, label) in enumerate(parts):
-        values = np.array([np.median([r[key] for r in rows if r["method"] == m]) for m in methods])
+        values = np.array([np.median(column(grouped.get(m, []), key)) for m in methods])
         ax.bar([LABELS.get(m, m) for m in methods], values, bottom=bottom, label=label, color=cmap(j))
         bottom += values
     ax.set_ylabel("median delay per session (ms)")
@@ -489,8 +527,9 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
     ax = axes[1]
     styles = dict(zip(profiles, ["-", "--", ":", "-."] * (len(profiles) // 4 + 1)))
     for m in methods:
+        totals = by_profile(grouped.get(m, []))
         for p in profiles:
-            v = np.sort([r["total_ms"] for r in rows if r["method"] == m and r["profile"] == p])
+            v = np.sort(totals.get(p, []))
             if len(v):
                 ax.plot(v, np.arange(1, len(v) + 1) / len(v), styles[p], color=colors[m])
     ax.set_xscale("log")
@@ -502,9 +541,10 @@ def _plot_delays(plt, out: Path, rows: list[dict], methods: list[str], colors: d
     # beside the plot instead of one entry per pair on top of the curves.
     from matplotlib.lines import Line2D
 
-    by_method = ax.legend([Line2D([], [], color=colors[m]) for m in methods], [LABELS.get(m, m) for m in methods],
-                          title="method", fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    ax.add_artist(by_method)
+    method_legend = ax.legend([Line2D([], [], color=colors[m]) for m in methods], [LABELS.get(m, m) for m in methods],
+                              title="method", fontsize=7, title_fontsize=7, loc="upper left",
+                              bbox_to_anchor=(1.01, 1))
+    ax.add_artist(method_legend)
     ax.legend([Line2D([], [], color="0.3", linestyle=styles[p]) for p in profiles], profiles, title="network",
               fontsize=7, title_fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()

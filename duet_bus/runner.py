@@ -33,7 +33,8 @@ import logging
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -95,12 +96,17 @@ class SessionRecord:
         return metrics[key] if key in metrics else getattr(self, key)
 
     def row(self) -> dict:
-        """The record as a ``sessions.csv`` row: each of the task's metrics a column of its own."""
-        out = {}
-        for name in self.__slots__:
-            value = getattr(self, name)
-            out |= value if name == "metrics" else {name: value}
+        """The record as a ``sessions.csv`` row: each of the task's metrics a column of its own, where the
+        field ``metrics`` is."""
+        out = dict(zip(_BEFORE_METRICS, _fields_before_metrics(self)))
+        out.update(self.metrics)
+        out.update(zip(_AFTER_METRICS, _fields_after_metrics(self)))
         return out
+
+
+_SLOTS = [f.name for f in fields(SessionRecord)]
+_BEFORE_METRICS, _AFTER_METRICS = _SLOTS[:_SLOTS.index("metrics")], _SLOTS[_SLOTS.index("metrics") + 1:]
+_fields_before_metrics, _fields_after_metrics = attrgetter(*_BEFORE_METRICS), attrgetter(*_AFTER_METRICS)
 
 
 @dataclass
