@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -135,6 +136,9 @@ def cached(cache_dir: str | Path, config, prepared, method: str, seed: int, prog
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         model, _, _ = task.train(config, prepared, method, seed, progress)
-        save(path.with_suffix(".tmp"), model, prepared)
-        path.with_suffix(".tmp").replace(path)
+        # A temporary file of this process's own: processes that train the same recipe at once (the shards
+        # of a run on a cold cache, two runs) each rename a whole file into place, the same weights.
+        part = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+        save(part, model, prepared)
+        part.replace(path)
     return load(path)

@@ -300,7 +300,8 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
-    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(tmp_path / "out")]
+    out = Path(scenario.output).parent / "killed"  # beside the run's output: the checkpoints cached above
+    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(out)]
     with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
         asyncio.run(_memory_sharded("r1", [tmp_path / f"shard-{k}.records" for k in (0, 1)], args, echo))
     assert killed and shards() == []  # both gone: the killed one and the one stopped after it
@@ -316,7 +317,7 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
     import subprocess
     import sys
 
-    out = tmp_path / "interrupted"
+    out = Path(load_scenario(scenario_file).output).parent / f"interrupted-{kind}"  # the checkpoints cached
     bus = ["--set", "bus.kind=memory"] if kind == "memory" else ["--set", f"bus.bootstrap={kafka_bootstrap}"]
     process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
                                 "--no-dashboard", "--output", str(out), *bus,
@@ -336,6 +337,25 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
     assert run["interrupted"] and not run["finished"]
     assert [s["shard"] for s in run["shards"]] == [0, 1] and all(s["sessions"] > 0 for s in run["shards"])
     assert run["virtual_s"] < 3 * 3600 and len(rows(out)) == 4 * run["sessions"]  # stopped before its end
+
+
+def test_processes_training_the_same_checkpoint_at_once_both_get_it(scenario_file, tmp_path):
+    """Two processes on one cold cache train the same recipe at the same time (the shards of a run did, when
+    their cache was not the parent's): each writes a temporary file of its own and renames it into place,
+    so both load the checkpoints and no temporary file is left."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from dataclasses import replace; from pathlib import Path; "
+            "from duet_bus.runner import load_checkpoints, prepare_data; from duet_bus.scenario import load_scenario; "
+            "s = load_scenario(sys.argv[1]); p = prepare_data(s); "
+            "print(sorted(c.model_version for c in load_checkpoints(s, p, cache_dir=Path(sys.argv[2])).values()))")
+    both = [subprocess.Popen([sys.executable, "-c", code, str(scenario_file), str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in both]
+    assert [p.returncode for p in both] == [0, 0], [err[-2000:] for _, err in outs]
+    assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]  # the same models (after training's lines)
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".pt"] * 3  # base, duet_no_swa, duet; no .tmp
 
 
 def test_shard_flags_are_checked(scenario_file, capsys):
