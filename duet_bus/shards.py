@@ -324,7 +324,8 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
 
 
 async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
-                   bootstrap: str, security, echo, interrupted: dict[str, Any]) -> tuple[list[ShardRecords], float, dict]:
+                   bootstrap: str, security, echo,
+                   interrupted: dict[str, Any]) -> tuple[list[ShardRecords], float, dict]:
     """The Kafka side of `run_sharded`. On Ctrl-C (this task cancelled) it stops the shards, collects what
     they publish into ``interrupted`` (``asyncio.run`` then raises `KeyboardInterrupt` whatever this returns)."""
     run_id = secrets.token_hex(4)
