@@ -195,11 +195,11 @@ def around_shift(rows: list[dict], shift: dict, method: str, metric: str = "auc"
     return out
 
 
-def paired_vs_base(rows: list[dict], method: str, metric: str) -> dict[str, float]:
+def paired_vs_base(grouped: dict[str, list], method: str, metric: str) -> dict[str, float]:
     """A method against base on the same sessions: the mean per-session difference of ``metric``, its
     standard error, and the shares of sessions won, tied and lost (every method scores every session,
-    so the pairs are exact; the difference's spread is far smaller than either method's)."""
-    grouped = by_method(rows)
+    so the pairs are exact; the difference's spread is far smaller than either method's). ``grouped``:
+    the rows by method (`by_method`)."""
     base_rows, mine = grouped.get("base", []), grouped.get(method, [])
     base = dict(zip(column(base_rows, "session_id"), column(base_rows, metric)))
     diff = np.array([value - base[session] for session, value in zip(column(mine, "session_id"), column(mine, metric))
@@ -238,7 +238,7 @@ def summarize_run(scenario: dict, rows: list[dict], shifts: list[dict], run: dic
                               "download_mean": float(np.mean(column(mine, "download_bytes")))},
         }
         if m != "base" and "base" in grouped:
-            methods[m]["vs_base"] = paired_vs_base(grouped["base"] + mine, m, primary)
+            methods[m]["vs_base"] = paired_vs_base(grouped, m, primary)
     shift_docs = []
     for shift in shifts:
         around = {}
@@ -343,6 +343,7 @@ def summarize_seeds(scenario: dict, runs: list[tuple[int, dict, list[dict]]]) ->
     """
     metrics, primary = run_metrics(scenario)
     pooled = [{**r, "session_id": f"{seed}/{r['session_id']}"} for seed, _, rows in runs for r in rows]
+    grouped = by_method(pooled)
     methods = {}
     for m in method_order(scenario, pooled):
         per_seed = []
@@ -355,10 +356,10 @@ def summarize_seeds(scenario: dict, runs: list[tuple[int, dict, list[dict]]]) ->
         for k in metrics:
             stats = _stats([p[k] for p in per_seed])
             entry[f"{k}_mean"], entry[f"{k}_std"] = stats["mean"], stats["std"]
-        if m != "base" and any(r["method"] == "base" for r in pooled):
+        if m != "base" and "base" in grouped:
             by_seed = [p["vs_base"] for p in per_seed if "vs_base" in p]
             stats = _stats(by_seed)
-            entry["vs_base"] = paired_vs_base(pooled, m, primary) | {
+            entry["vs_base"] = paired_vs_base(grouped, m, primary) | {
                 "seed_mean": stats["mean"], "seed_std": stats["std"], "seeds_won": sum(v > 0 for v in by_seed)}
         entry["per_seed"] = per_seed
         methods[m] = entry

@@ -193,18 +193,27 @@ def merge(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
         return sum(v for v in values if isinstance(v, (int, float)))
 
     virtual = max(run["virtual_s"] for run in runs)
+    if cloud is None:  # the shards' own clouds (in-process shards), or workers elsewhere (`duet cloud`)
+        cloud = ({k: total("cloud", k) for k in runs[0]["cloud"]} if total("cloud", "workers")
+                 else {"workers": "elsewhere (duet cloud)"})
     figures = {
         "virtual_s": virtual, "wall_s": wall_s, "speedup": virtual / max(wall_s, 1e-9),
         "sessions": total("sessions"), "finished": all(run["finished"] for run in runs),
         "interrupted": any(run["interrupted"] for run in runs), "checkpoints": runs[0]["checkpoints"],
-        "cloud": cloud if cloud is not None else (
-            {k: total("cloud", k) for k in runs[0]["cloud"]} if total("cloud", "workers")
-            else {"workers": "elsewhere (duet cloud)"}),
+        "cloud": cloud,
         "over_the_bus": {k: total("over_the_bus", k) for k in runs[0]["over_the_bus"]},
         "fleet": {k: total("fleet", k) for k in runs[0]["fleet"]},
         "shards": [{"shard": m.shard, "sessions": m.run["sessions"], "wall_s": m.run["wall_s"]} for m in done],
     }
     return rows, shifts, figures
+
+
+def write_merged(scenario: Scenario, messages: list[ShardRecords], wall_s: float,
+                 cloud: dict | None = None) -> tuple[dict, Path]:
+    """The one report of a run from its shards' records (`merge`), in the scenario's output folder."""
+    rows, shifts, figures = merge(scenario, messages, wall_s, cloud)
+    out = Path(scenario.output)
+    return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
 
 
 def run_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, Checkpoint], shard: Shard,
@@ -271,9 +280,7 @@ def collect_run(scenario: Scenario, count: int, run_id: str, timeout_s: float = 
 
     start = time.perf_counter()
     messages = asyncio.run(collect())
-    rows, shifts, figures = merge(scenario, messages, time.perf_counter() - start)
-    out = Path(scenario.output)
-    return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
+    return write_merged(scenario, messages, time.perf_counter() - start)
 
 
 def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
@@ -299,9 +306,7 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
                 echo(f"run {run_id}: interrupted; the report covers the sessions done so far")
             wall = time.perf_counter() - start
             messages = [m for k, f in enumerate(files) if f.exists() for m in read_records(f, run_id, k, count)]
-        rows, shifts, figures = merge(scenario, messages, wall)
-        out = Path(scenario.output)
-        return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
+        return write_merged(scenario, messages, wall)
     security = kafka_security(scenario)
     broker = EmbeddedBroker() if not scenario.bootstrap else None
     interrupted: dict[str, Any] = {}
@@ -318,9 +323,7 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
     finally:
         if broker is not None:
             broker.stop()
-    rows, shifts, figures = merge(scenario, messages, wall, cloud)
-    out = Path(scenario.output)
-    return write_run(out, scenario_doc(scenario), rows, shifts, figures), out
+    return write_merged(scenario, messages, wall, cloud)
 
 
 async def _sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
