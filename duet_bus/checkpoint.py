@@ -9,6 +9,7 @@ preparation and the `ModelSpec` both sides check messages against.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -135,10 +136,32 @@ def cached(cache_dir: str | Path, config, prepared, method: str, seed: int, prog
     path = Path(cache_dir) / f"{config.backbone}-{method}-{hashlib.sha256(recipe.encode()).hexdigest()[:12]}.pt"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        model, _, _ = task.train(config, prepared, method, seed, progress)
-        # A temporary file of this process's own: processes that train the same recipe at once (the shards
-        # of a run on a cold cache, two runs) each rename a whole file into place, the same weights.
-        part = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
-        save(part, model, prepared)
-        part.replace(path)
+        with _training_lock(path):  # processes wanting the same recipe at once (a run's shards, two runs): one trains
+            if not path.is_file():  # the others find it trained when they get the lock
+                model, _, _ = task.train(config, prepared, method, seed, progress)
+                # A temporary file of this process's own, renamed into place whole: also where the lock is
+                # not to be had (no `fcntl`), each process writes its own and the last rename wins.
+                part = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+                save(part, model, prepared)
+                part.replace(path)
     return load(path)
+
+
+@contextlib.contextmanager
+def _training_lock(path: Path):
+    """Hold an exclusive lock on ``path``'s lock file (``.lock`` beside it) while training it; removed after.
+
+    A process that opened the file before it was removed may then lock a file no longer in the folder, and
+    train beside a later one: at worst the same recipe trained twice, each renamed into place whole."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, the temporary files keep it safe
+        yield
+        return
+    lock = path.with_suffix(".lock")
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)

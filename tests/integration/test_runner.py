@@ -339,23 +339,32 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
     assert run["virtual_s"] < 3 * 3600 and len(rows(out)) == 4 * run["sessions"]  # stopped before its end
 
 
-def test_processes_training_the_same_checkpoint_at_once_both_get_it(scenario_file, tmp_path):
-    """Two processes on one cold cache train the same recipe at the same time (the shards of a run did, when
-    their cache was not the parent's): each writes a temporary file of its own and renames it into place,
-    so both load the checkpoints and no temporary file is left."""
+def test_processes_wanting_the_same_checkpoint_at_once_train_it_once(scenario_file, tmp_path):
+    """Two processes on one cold cache want the same recipes at the same time (the shards of a run did, when
+    their cache was not the parent's; two runs on one output folder): one trains each recipe while the other
+    waits for its lock, and then loads it; both get the same models, and no temporary or lock file is left.
+    (Before the lock each trained every recipe, and before their temporary files were their own one crashed
+    renaming the other's.)"""
     import subprocess
     import sys
 
-    code = ("import sys; from dataclasses import replace; from pathlib import Path; "
+    # A progress display that counts the epochs this process trained.
+    code = ("import sys; from pathlib import Path; "
             "from duet_bus.runner import load_checkpoints, prepare_data; from duet_bus.scenario import load_scenario; "
-            "s = load_scenario(sys.argv[1]); p = prepare_data(s); "
-            "print(sorted(c.model_version for c in load_checkpoints(s, p, cache_dir=Path(sys.argv[2])).values()))")
+            "s = load_scenario(sys.argv[1]); p = prepare_data(s); epochs = []; "
+            "progress = type('P', (), {'add_task': lambda self, label, total: epochs.append(label), "
+            "'advance': lambda self, task: None, 'remove_task': lambda self, task: None})(); "
+            "versions = sorted(c.model_version for c in load_checkpoints(s, p, progress, Path(sys.argv[2])).values()); "
+            "print(len(epochs)); print(versions)")
     both = [subprocess.Popen([sys.executable, "-c", code, str(scenario_file), str(tmp_path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=300) for p in both]
     assert [p.returncode for p in both] == [0, 0], [err[-2000:] for _, err in outs]
-    assert outs[0][0].splitlines()[-1] == outs[1][0].splitlines()[-1]  # the same models (after training's lines)
-    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".pt"] * 3  # base, duet_no_swa, duet; no .tmp
+    (trained_a, models_a), (trained_b, models_b) = (out.splitlines()[-2:] for out, _ in outs)
+    assert models_a == models_b  # the same models
+    # Three recipes (base, duet_no_swa, duet) of 2 epochs each, trained once between the two processes.
+    assert int(trained_a) + int(trained_b) == 3 * 2, (trained_a, trained_b)
+    assert sorted(f.suffix for f in tmp_path.iterdir()) == [".pt"] * 3  # no .tmp, no .lock
 
 
 def test_shard_flags_are_checked(scenario_file, capsys):
