@@ -17,6 +17,11 @@ On one embedded broker, prints:
 - all of it three times, each on a fresh broker: with float32 replies (the
   default), float16 ones (half the bytes; `--weight-encoding float16`) and
   int8 ones (a quarter; `--weight-encoding int8`);
+- where the round trip goes at 100 in flight: from a request leaving its
+  device to the cloud taking the batch it is in, inside the cloud, and from
+  its reply leaving the cloud to the device taking it; and what sending 100
+  requests or 100 replies to one partition costs the sending process
+  (acknowledged after, and its CPU time);
 - sessions per second of one cloud worker draining a backlog.
 
 Absolute times are this machine's; the ratios are what to compare.
@@ -130,6 +135,49 @@ async def session_round_trips(fleet: Fleet, agents, sessions, level: int) -> tup
     return out, cloud
 
 
+async def burst_timeline(fleet: Fleet, agents, sessions, level: int) -> list[float]:
+    """Where a session's round trip goes at ``level`` in flight, medians over at least `MIN_ROUNDS` bursts (ms):
+    from its request leaving the device to the cloud taking the batch it is in, the cloud (taken to its
+    reply stamped sent), from there to the device taking the reply, and the round trip. The first and the
+    third are differences of two processes' clocks: right on one host, not across hosts."""
+    parts: list[tuple[float, float, float, float]] = []
+    i = 0
+
+    async def one(agent, session) -> tuple[float, float, float, float]:
+        delay: dict[str, float] = {}
+        sent = time.time()  # what the request's own sent_at is stamped with, microseconds later
+        reply = await fleet.request(agent, session, delay, {})
+        if reply is None:
+            raise RuntimeError("a session fell back: the cloud worker is not keeping up within the deadline")
+        received = sent + delay["round_trip_ms"] / 1000
+        return ((reply.received_at - sent) * 1000, delay["cloud_ms"], (received - reply.sent_at) * 1000,
+                delay["round_trip_ms"])
+
+    while len(parts) < MIN_ROUNDS * level:
+        parts += await asyncio.gather(*(one(agents[(i + j) % len(agents)], sessions[(i + j) % len(sessions)])
+                                        for j in range(level)))
+        i += level
+    return [float(v) for v in np.median(np.array(parts), axis=0)]
+
+
+async def producer_cost(bus: KafkaBus, topic: str, sizes: dict[str, int], count: int = 100,
+                        rounds: int = 50) -> dict[str, tuple[float, float]]:
+    """For messages of each size: `KafkaBus.send_many` of ``count`` of them to one partition, acknowledged
+    (ms, median), and this process's CPU time per call (ms, mean): what sending a burst's replies costs the
+    client, beside the broker."""
+    out = {}
+    for name, size in sizes.items():
+        messages = [(topic, bytes(size), b"k", 0) for _ in range(count)]
+        walls = []
+        cpu = time.process_time()
+        for _ in range(rounds):
+            start = time.perf_counter()
+            await bus.send_many(messages)
+            walls.append((time.perf_counter() - start) * 1000)
+        out[name] = (float(np.median(walls)), (time.process_time() - cpu) * 1000 / rounds)
+    return out
+
+
 async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_ms: float) -> float:
     tag = uuid.uuid4().hex[:8]
     topics = Topics(sessions=f"s-{tag}", weights=f"w-{tag}", reports=f"r-{tag}", deadletter=f"d-{tag}")
@@ -174,7 +222,7 @@ def request_payload(ckpt: Checkpoint, sessions) -> bytes:
 
 
 async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
-                drain: bool) -> tuple[list[list[str]], float | None]:
+                drain: bool) -> tuple[list[list[str]], float | None, list[float], dict[str, tuple[float, float]]]:
     """One encoding's rows (and, if ``drain``, the backlog drain) on a broker of its own, in a process of its own
     (`main` runs each phase as a child): a second phase in the same process measured slower, whatever its
     encoding and even on a fresh broker (100 in flight: 59-66 ms against 33-45 ms in the first)."""
@@ -211,6 +259,9 @@ async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
                              f"{pct(big, 50):.2f}", f"{pct(session, 50):.2f}", f"{pct(session, 99):.2f}",
                              f"{pct(cloud, 50):.2f}", f"{pct(session, 50) / pct(echo, 50):.2f}x",
                              f"{pct(session, 50) / pct(big, 50):.2f}x"])
+            timeline = await burst_timeline(fleet, agents, sessions, LEVELS[-1])
+            await bus.ensure_topics({"produce.cost": 1})
+            sending = await producer_cost(bus, "produce.cost", {"request": len(payload), "reply": answer_bytes})
         finally:
             await fleet.stop()
             for worker in workers:
@@ -220,7 +271,7 @@ async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
             rate = await worker_throughput(bus, ckpt, sessions, float(max_wait_ms)) if drain else None
         finally:
             await bus.stop()
-    return rows, rate
+    return rows, rate, timeline, sending
 
 
 async def main(max_wait_ms: str) -> None:
@@ -239,6 +290,12 @@ async def main(max_wait_ms: str) -> None:
     for col in ("replies", "in flight", "echo p50", "echo p99", "echo, reply-sized answers p50", "session p50",
                 "session p99", "of it in cloud p50", "session / echo p50", "session / reply-sized echo p50"):
         table.add_column(col, justify="right")
+    where = Table(title=f"Where a session's round trip goes at {LEVELS[-1]} in flight (medians, ms), and what "
+                        f"sending {LEVELS[-1]} messages to one partition costs (send_many to acknowledged, median; "
+                        f"this process's CPU per call)")
+    for col in ("replies", "request to the cloud taking its batch", "in the cloud", "reply to the device taking it",
+                "round trip", f"{LEVELS[-1]} requests: acked", "CPU", f"{LEVELS[-1]} replies: acked", "CPU"):
+        where.add_column(col, justify="right")
     rate = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "duet.pt"
@@ -252,8 +309,12 @@ async def main(max_wait_ms: str) -> None:
                 rate = result["rate"]
             for row in result["rows"]:
                 table.add_row(*row)
+            sending = result["sending"]
+            where.add_row(encoding, *(f"{v:.1f}" for v in result["timeline"]),
+                          *(f"{v:.2f}" for kind in ("request", "reply") for v in sending[kind]))
     console = Console(width=200)
     console.print(table)
+    console.print(where)
     console.print(f"one cloud worker drains a backlog of {BACKLOG} sessions at {rate:.0f} sessions/s "
                   f"(GRU4Rec DUET N_p=5, float32 replies, micro-batches up to 256)")
 
@@ -263,8 +324,8 @@ if __name__ == "__main__":
         asyncio.run(echo_server(*sys.argv[2:5], int(sys.argv[5])))
     elif len(sys.argv) == 7 and sys.argv[1] == "--phase":
         encoding, ckpt_path, answer, wait, drain = sys.argv[2:]
-        rows, rate = asyncio.run(phase(encoding, Path(ckpt_path), int(answer), wait, drain == "1"))
-        print(json.dumps({"rows": rows, "rate": rate}))
+        rows, rate, timeline, sending = asyncio.run(phase(encoding, Path(ckpt_path), int(answer), wait, drain == "1"))
+        print(json.dumps({"rows": rows, "rate": rate, "timeline": timeline, "sending": sending}))
     else:
         parser = argparse.ArgumentParser(description="session round trip against a raw broker echo")
         parser.add_argument("--max-wait-ms", default="0", help="the cloud worker's micro-batch wait (ms)")

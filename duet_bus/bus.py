@@ -1,8 +1,8 @@
 """The Bus: how devices and the cloud exchange bytes.
 
 `KafkaBus` speaks the real Kafka protocol through aiokafka; `MemoryBus` keeps
-topics in this process with the same interface and is for unit tests only,
-never the default of a run. Both expose:
+topics in this process with the same interface: for unit tests and for runs
+that ask for it (`bus.kind: memory`), never the default of a run. Both expose:
 
 - ``ensure_topics({name: partitions})``
 - ``send(topic, value, key=None, partition=None) -> (partition, offset)``,
