@@ -196,17 +196,29 @@ class ShardRecords:
 Event = SessionStart | WeightsReady | SessionReport | DeadLetter | ModelInfo | ShardRecords
 
 
-def encode(event: Event, weight_encoding: str | None = None) -> bytes:
-    """msgpack bytes of an event; ``weight_encoding`` ('float16', 'int8') shrinks weights."""
+def encode(event: Event, weight_encoding: str | None = None, encoded_layers: list[dict] | None = None) -> bytes:
+    """msgpack bytes of an event; ``weight_encoding`` ('float16', 'int8') shrinks weights.
+
+    ``encoded_layers``: a `WeightsReady`'s layers as `encode_layer_rows` made them, in place of encoding its
+    arrays here (the same bytes)."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event.TYPE}
     for name, value in event.__dict__.items():
         if name == "layers":
-            value = [{"w": tensors.encode(w, weight_encoding), "b": tensors.encode(b, weight_encoding)}
-                     for w, b in value]
+            value = encoded_layers if encoded_layers is not None else [
+                {"w": tensors.encode(w, weight_encoding), "b": tensors.encode(b, weight_encoding)} for w, b in value]
         elif isinstance(value, np.ndarray):
             value = tensors.encode(value)
         body[name] = value
     return msgpack.packb(body, use_bin_type=True)
+
+
+def encode_layer_rows(layers: list[tuple[np.ndarray, np.ndarray]], weight_encoding: str | None = None
+                      ) -> list[list[dict]]:
+    """A batch's layers (each ``(W, b)`` with a leading axis, one row per reply) as each reply's encoded
+    layers, for `encode`: row ``i`` is what `encode` makes of layers ``[(W[i], b[i]), ...]``, to the byte,
+    with each array of the batch converted once (`tensors.encode_rows`)."""
+    columns = [(tensors.encode_rows(w, weight_encoding), tensors.encode_rows(b, weight_encoding)) for w, b in layers]
+    return [[{"w": ws[i], "b": bs[i]} for ws, bs in columns] for i in range(len(columns[0][0]) if columns else 0)]
 
 
 def decode(data: bytes) -> Event:

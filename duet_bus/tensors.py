@@ -41,9 +41,7 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
             out["scale"] = scale
             # |x| / scale <= 127 up to rounding, far below 127.5: rint alone keeps every value in [-127, 127]
             # (a clip changed nothing and was a third of the time; a test holds the two equal).
-            quotient = array / scale
-            np.rint(quotient, out=quotient)
-            array = quotient.astype(np.int8)
+            array = np.rint(array / scale).astype(np.int8)  # (rint in place failed on a 0-d array's scalar)
     elif encoding is not None:
         array = array.astype(encoding, copy=False)  # float32 weights as float32: no copy (tobytes makes one)
     name = _LITTLE.get(array.dtype)
@@ -55,6 +53,37 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
             raise TensorError(f"dtype {name} cannot go on the wire (allowed: {sorted(WIRE_DTYPES)})")
         data = np.ascontiguousarray(array).astype(array.dtype.newbyteorder("<")).tobytes()
     out.update(dtype=name, shape=list(array.shape), data=data)
+    return out
+
+
+def encode_rows(batch: np.ndarray, encoding: str | None = None) -> list[dict]:
+    """`encode` of each row ``batch[i]``, to the byte, with the conversion done for the whole batch at once.
+
+    A cloud worker's replies are the rows of one generated batch; per array, the handful of numpy calls that
+    quantizing to int8 or converting to float16 makes were most of what encoding a reply cost (32 and 20 us
+    a GRU4Rec reply, against 10 us in float32). Row by row the same numbers: int8's peak is each row's
+    ``max|x|`` (a float32, exactly as ``float()`` gives it), its scale that peak / 127 in double precision,
+    and the quotient a float32 division by the scale rounded to float32, as NumPy divides a float32 array by
+    a Python float."""
+    batch = np.asarray(batch)
+    if batch.ndim == 0 or batch.size == 0 or batch.dtype != np.float32 or encoding not in WEIGHT_ENCODINGS + (None,):
+        return [encode(row, encoding) for row in batch]
+    shape = list(batch.shape[1:])
+    if encoding != "int8":  # little-endian float32 (this dtype) or float16: each row's bytes as they are
+        rows = batch.astype(np.float16) if encoding == "float16" else batch
+        name = _LITTLE[rows.dtype]
+        return [{"dtype": name, "shape": list(shape), "data": row.tobytes()} for row in rows]
+    peaks = np.abs(batch).reshape(len(batch), -1).max(axis=1).astype(np.float64)
+    finite = np.isfinite(peaks)
+    scales = np.where(finite & (peaks > 0), peaks / 127.0, np.where(finite, 1.0, peaks))
+    quotient = batch / scales.astype(np.float32).reshape(-1, *[1] * (batch.ndim - 1))
+    np.rint(quotient, out=quotient)
+    with np.errstate(invalid="ignore"):  # a non-finite row's codes: replaced by zeros below, as `encode` sends
+        codes = quotient.astype(np.int8)
+    out = []
+    for row, scale, ok in zip(codes, scales.tolist(), finite.tolist()):
+        out.append({"scale": scale, "dtype": "int8", "shape": list(shape),
+                    "data": row.tobytes() if ok else bytes(row.size)})
     return out
 
 

@@ -243,3 +243,20 @@ async def test_the_in_process_bus_keeps_its_retention_and_consumers_read_on():
     records = await consumer.getmany(10, 1000)
     assert [r.offset for r in records] == list(range(log.base, 30))
     assert await consumer.lag() == 0
+
+
+@pytest.mark.parametrize("encoding", list(protocol.REPLY_ENCODINGS))
+async def test_a_batchs_replies_are_what_encode_makes_of_each(duet_checkpoint, tiny_shared, encoding):
+    """The worker converts a batch's arrays to the wire at once (`protocol.encode_layer_rows`): each reply is
+    still, to the byte, what `protocol.encode` makes of that reply alone."""
+    bus = MemoryBus()
+    service = await started(bus, duet_checkpoint, weight_encoding=encoding)
+    sessions = offline_test_sessions(tiny_shared)[:5]
+    await service.handle(await take(service, bus, requests(sessions, duet_checkpoint.spec)))
+    values = [r.value for part in bus.topics["duet.weights"] for r in part]
+    layers, _ = service._forward(duet_checkpoint, [np.asarray(s.realtime, np.int64) for s in sessions])
+    assert len(values) == len(sessions)
+    for i, value in enumerate(values):
+        sent = protocol.decode(value)
+        alone = protocol.WeightsReady(**{**sent.__dict__, "layers": [(w[i], b[i]) for w, b in layers]})
+        assert value == protocol.encode(alone, service.config.array_encoding)

@@ -302,3 +302,29 @@ def test_shard_records_round_trip_and_their_errors():
         bad = ShardRecords(**{**good.__dict__, **change})
         with pytest.raises(ProtocolError, match=f"^{re.escape(field)}"):
             protocol.decode(protocol.encode(bad))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.integers(1, 6), shape=st.lists(st.integers(1, 5), min_size=1, max_size=2),
+       log_scale=st.floats(-30, 30), seed=st.integers(0, 2**32 - 1),
+       special=st.sampled_from([None, 0.0, np.nan, np.inf, -np.inf]),
+       encoding=st.sampled_from(["float32", "float16", "int8", None]))
+def test_a_batch_encoded_at_once_is_each_row_encoded_alone(rows, shape, log_scale, seed, special, encoding):
+    """`tensors.encode_rows` (a cloud batch's replies, converted at once) gives each row the bytes `encode`
+    gives it alone: int8 scales and codes per row, rows of zeros, NaN and infinite rows, float16 overflow."""
+    rng = np.random.default_rng(seed)
+    batch = (rng.standard_normal((rows, *shape)) * 10.0**log_scale).astype(np.float32)
+    if special is not None:
+        batch[0] = 0.0 if special == 0.0 else batch[0]
+        batch.flat[rng.integers(batch.size)] = special
+    with np.errstate(all="ignore"):
+        together = [msgpack.packb(d) for d in tensors.encode_rows(batch, encoding)]
+        alone = [msgpack.packb(tensors.encode(row, encoding)) for row in batch]
+    assert together == alone
+    layers = [(batch, batch.reshape(rows, -1)), (batch.reshape(rows, -1), batch[:, 0])]  # a 0-d b row too
+    reply = dict(session_id="s", request_id="r", device_id="d", model_version="m", method="duet",
+                 received_at=1.0, sent_at=2.0, generation_ms=0.5, batch_size=rows)
+    with np.errstate(all="ignore"):
+        for i, encoded in enumerate(protocol.encode_layer_rows(layers, encoding)):
+            one = WeightsReady(layers=[(w[i], b[i]) for w, b in layers], **reply)
+            assert protocol.encode(one, encoding, encoded) == protocol.encode(one, encoding)
