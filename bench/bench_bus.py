@@ -22,7 +22,10 @@ On one embedded broker, prints:
   its reply leaving the cloud to the device taking it; and what sending 100
   requests or 100 replies to one partition costs the sending process
   (acknowledged after, and its CPU time);
-- sessions per second of one cloud worker draining a backlog.
+- sessions per second of one cloud worker draining a backlog;
+- what encoding a batch of 100 replies costs the worker, each reply's
+  arrays alone (as it did) against the batch's converted at once (as it
+  does), in each encoding.
 
 Absolute times are this machine's; the ratios are what to compare.
 Run: `make bench-bus` (or python bench/bench_bus.py [--max-wait-ms T], the
@@ -43,6 +46,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 
@@ -211,6 +215,33 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
     return served / elapsed
 
 
+def encoding_cost(ckpt: Checkpoint, sessions, encoding: str, count: int = 100, rounds: int = 50) -> tuple[float, float]:
+    """Encoding one batch's ``count`` replies (ms, median of ``rounds``): each reply's arrays on their own, as
+    the worker did, and the batch's arrays converted at once (`protocol.encode_layer_rows`), as it does."""
+    with torch.inference_mode():
+        realtime, lengths = ckpt.model.realtime_batch([sessions[i % len(sessions)].realtime for i in range(count)])
+        layers = [(w.numpy(), b.numpy()) for w, b in ckpt.model.weights_for(realtime, lengths)]
+
+    def reply(i: int) -> protocol.WeightsReady:
+        return protocol.WeightsReady("s", "r", "d", ckpt.model_version, "duet", [(w[i], b[i]) for w, b in layers],
+                                     0.0, time.time(), 1.0, count)
+
+    def alone() -> list[bytes]:
+        return [protocol.encode(reply(i), encoding) for i in range(count)]
+
+    def together() -> list[bytes]:
+        rows = protocol.encode_layer_rows(layers, encoding)
+        return [protocol.encode(reply(i), encoding, rows[i]) for i in range(count)]
+
+    times: dict = {alone: [], together: []}
+    for _ in range(rounds):  # alternating, so that the machine's noise falls on both
+        for way in times:
+            start = time.perf_counter()
+            way()
+            times[way].append((time.perf_counter() - start) * 1000)
+    return float(np.median(times[alone])), float(np.median(times[together]))
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -315,6 +346,13 @@ async def main(max_wait_ms: str) -> None:
     console = Console(width=200)
     console.print(table)
     console.print(where)
+    costs = Table(title="Encoding a batch of 100 replies in the cloud worker (ms, median of 50, alternating)")
+    for col in ("replies", "each reply's arrays alone", "the batch's arrays at once", "speed-up"):
+        costs.add_column(col, justify="right")
+    for encoding in ENCODINGS:
+        alone, together = encoding_cost(ckpt, sessions, encoding)
+        costs.add_row(encoding, f"{alone:.2f}", f"{together:.2f}", f"{alone / together:.2f}x")
+    console.print(costs)
     console.print(f"one cloud worker drains a backlog of {BACKLOG} sessions at {rate:.0f} sessions/s "
                   f"(GRU4Rec DUET N_p=5, float32 replies, micro-batches up to 256)")
 
