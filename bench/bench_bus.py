@@ -217,7 +217,7 @@ async def worker_throughput(bus: KafkaBus, ckpt: Checkpoint, sessions, max_wait_
 
 def encoding_cost(ckpt: Checkpoint, sessions, encoding: str, count: int = 100, rounds: int = 50) -> tuple[float, float]:
     """Encoding one batch's ``count`` replies (ms, median of ``rounds``): each reply's arrays on their own, as
-    the worker did, and the batch's arrays converted at once (`protocol.encode_layer_rows`), as it does."""
+    the worker did, and the batch's arrays converted at once (`protocol.layer_rows`), as it does."""
     with torch.inference_mode():
         realtime, lengths = ckpt.model.realtime_batch([sessions[i % len(sessions)].realtime for i in range(count)])
         layers = [(w.numpy(), b.numpy()) for w, b in ckpt.model.weights_for(realtime, lengths)]
@@ -230,8 +230,8 @@ def encoding_cost(ckpt: Checkpoint, sessions, encoding: str, count: int = 100, r
         return [protocol.encode(reply(i), encoding) for i in range(count)]
 
     def together() -> list[bytes]:
-        rows = protocol.encode_layer_rows(layers, encoding)
-        return [protocol.encode(reply(i), encoding, rows[i]) for i in range(count)]
+        rows = protocol.layer_rows(layers, encoding)
+        return [protocol.encode(reply(i), encoding, rows(i)) for i in range(count)]
 
     times: dict = {alone: [], together: []}
     for _ in range(rounds):  # alternating, so that the machine's noise falls on both

@@ -378,7 +378,7 @@ class GeneratorService:
         method = checkpoint.model.config.method
         factored = self.config.factored
         encoding = self.config.array_encoding
-        encoded = protocol.encode_layer_rows(layers, encoding)  # the batch's arrays converted at once
+        encoded = protocol.layer_rows(layers, encoding)  # the batch's arrays converted at once
         replies = []
         for i, (record, event) in enumerate(items):
             reply = WeightsReady(
@@ -387,7 +387,7 @@ class GeneratorService:
                 received_at=received_at, sent_at=time.time(), generation_ms=generation_ms, batch_size=len(items),
                 form="factored" if factored else "full",
             )
-            replies.append((record, (event.reply_topic, protocol.encode(reply, encoding, encoded[i]),
+            replies.append((record, (event.reply_topic, protocol.encode(reply, encoding, encoded(i)),
                                      event.device_id.encode(), event.reply_partition)))
         self.stats.batches += 1
         self.stats.served += len(items)

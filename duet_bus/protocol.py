@@ -30,7 +30,7 @@ import math
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 import numpy as np
@@ -199,7 +199,7 @@ Event = SessionStart | WeightsReady | SessionReport | DeadLetter | ModelInfo | S
 def encode(event: Event, weight_encoding: str | None = None, encoded_layers: list[dict] | None = None) -> bytes:
     """msgpack bytes of an event; ``weight_encoding`` ('float16', 'int8') shrinks weights.
 
-    ``encoded_layers``: a `WeightsReady`'s layers as `encode_layer_rows` made them, in place of encoding its
+    ``encoded_layers``: a `WeightsReady`'s layers as `layer_rows` makes them, in place of encoding its
     arrays here (the same bytes)."""
     body: dict[str, Any] = {"v": SCHEMA_VERSION, "type": event.TYPE}
     for name, value in event.__dict__.items():
@@ -212,13 +212,13 @@ def encode(event: Event, weight_encoding: str | None = None, encoded_layers: lis
     return msgpack.packb(body, use_bin_type=True)
 
 
-def encode_layer_rows(layers: list[tuple[np.ndarray, np.ndarray]], weight_encoding: str | None = None
-                      ) -> list[list[dict]]:
-    """A batch's layers (each ``(W, b)`` with a leading axis, one row per reply) as each reply's encoded
-    layers, for `encode`: row ``i`` is what `encode` makes of layers ``[(W[i], b[i]), ...]``, to the byte,
-    with each array of the batch converted once (`tensors.encode_rows`)."""
-    columns = [(tensors.encode_rows(w, weight_encoding), tensors.encode_rows(b, weight_encoding)) for w, b in layers]
-    return [[{"w": ws[i], "b": bs[i]} for ws, bs in columns] for i in range(len(columns[0][0]) if columns else 0)]
+def layer_rows(layers: list[tuple[np.ndarray, np.ndarray]], weight_encoding: str | None = None
+               ) -> Callable[[int], list[dict]]:
+    """A batch's layers (each ``(W, b)`` with a leading axis, one row per reply), each array converted to the
+    wire once (`tensors.Rows`); called with ``i``, reply ``i``'s encoded layers for `encode`: what `encode`
+    makes of layers ``[(W[i], b[i]), ...]``, to the byte."""
+    columns = [(tensors.Rows(w, weight_encoding), tensors.Rows(b, weight_encoding)) for w, b in layers]
+    return lambda i: [{"w": ws[i], "b": bs[i]} for ws, bs in columns]
 
 
 def decode(data: bytes) -> Event:

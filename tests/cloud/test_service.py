@@ -247,7 +247,7 @@ async def test_the_in_process_bus_keeps_its_retention_and_consumers_read_on():
 
 @pytest.mark.parametrize("encoding", list(protocol.REPLY_ENCODINGS))
 async def test_a_batchs_replies_are_what_encode_makes_of_each(duet_checkpoint, tiny_shared, encoding):
-    """The worker converts a batch's arrays to the wire at once (`protocol.encode_layer_rows`): each reply is
+    """The worker converts a batch's arrays to the wire at once (`protocol.layer_rows`): each reply is
     still, to the byte, what `protocol.encode` makes of that reply alone."""
     bus = MemoryBus()
     service = await started(bus, duet_checkpoint, weight_encoding=encoding)

@@ -310,7 +310,7 @@ def test_shard_records_round_trip_and_their_errors():
        special=st.sampled_from([None, 0.0, np.nan, np.inf, -np.inf]),
        encoding=st.sampled_from(["float32", "float16", "int8", None]))
 def test_a_batch_encoded_at_once_is_each_row_encoded_alone(rows, shape, log_scale, seed, special, encoding):
-    """`tensors.encode_rows` (a cloud batch's replies, converted at once) gives each row the bytes `encode`
+    """`tensors.Rows` (a cloud batch's replies, converted at once) gives each row the bytes `encode`
     gives it alone: int8 scales and codes per row, rows of zeros, NaN and infinite rows, float16 overflow."""
     rng = np.random.default_rng(seed)
     batch = (rng.standard_normal((rows, *shape)) * 10.0**log_scale).astype(np.float32)
@@ -318,13 +318,14 @@ def test_a_batch_encoded_at_once_is_each_row_encoded_alone(rows, shape, log_scal
         batch[0] = 0.0 if special == 0.0 else batch[0]
         batch.flat[rng.integers(batch.size)] = special
     with np.errstate(all="ignore"):
-        together = [msgpack.packb(d) for d in tensors.encode_rows(batch, encoding)]
+        together = [msgpack.packb(d) for d in tensors.Rows(batch, encoding)]
         alone = [msgpack.packb(tensors.encode(row, encoding)) for row in batch]
     assert together == alone
     layers = [(batch, batch.reshape(rows, -1)), (batch.reshape(rows, -1), batch[:, 0])]  # a 0-d b row too
     reply = dict(session_id="s", request_id="r", device_id="d", model_version="m", method="duet",
                  received_at=1.0, sent_at=2.0, generation_ms=0.5, batch_size=rows)
     with np.errstate(all="ignore"):
-        for i, encoded in enumerate(protocol.encode_layer_rows(layers, encoding)):
+        encoded = protocol.layer_rows(layers, encoding)
+        for i in range(rows):
             one = WeightsReady(layers=[(w[i], b[i]) for w, b in layers], **reply)
-            assert protocol.encode(one, encoding, encoded) == protocol.encode(one, encoding)
+            assert protocol.encode(one, encoding, encoded(i)) == protocol.encode(one, encoding)
