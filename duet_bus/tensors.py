@@ -71,9 +71,9 @@ class Rows:
     def __init__(self, batch: np.ndarray, encoding: str | None = None) -> None:
         batch = np.asarray(batch)
         self._encoding, self._batch, self._scales = encoding, batch, None
-        self._fast = (batch.ndim > 0 and batch.size > 0 and batch.dtype == np.float32
+        self._fast = (batch.ndim > 0 and batch.size > 0 and batch.dtype == _LITTLE_FLOAT32
                       and encoding in WEIGHT_ENCODINGS + (None,))
-        if not self._fast:  # anything else (another dtype, no elements): `encode` row by row
+        if not self._fast:  # anything else (another dtype or byte order, no elements): `encode` row by row
             return
         self._shape = list(batch.shape[1:])
         if encoding == "int8":
@@ -86,7 +86,7 @@ class Rows:
                 self._batch = quotient.astype(np.int8)
             self._scales, self._finite = scales.tolist(), finite.tolist()
         elif encoding == "float16":
-            self._batch = batch.astype(np.float16)
+            self._batch = batch.astype("<f2")
         self._name = _LITTLE[self._batch.dtype]
 
     def __len__(self) -> int:
@@ -96,7 +96,7 @@ class Rows:
         row = self._batch[i]
         if not self._fast:
             return encode(row, self._encoding)
-        if self._scales is None:  # float32 (little-endian, this dtype) or float16: the row's bytes as they are
+        if self._scales is None:  # little-endian float32 or float16: the row's bytes as they are
             return {"dtype": self._name, "shape": list(self._shape), "data": row.tobytes()}
         return {"scale": self._scales[i], "dtype": "int8", "shape": list(self._shape),
                 "data": row.tobytes() if self._finite[i] else bytes(row.size)}
@@ -105,6 +105,7 @@ class Rows:
 # The wire's dtypes in little-endian byte order, by dtype (a dict lookup: `dtype.name` costs microseconds).
 _LITTLE = {np.dtype(name).newbyteorder("<"): name for name in WIRE_DTYPES}
 _WIRE = {name: dtype for dtype, name in _LITTLE.items()}
+_LITTLE_FLOAT32 = np.dtype("<f4")
 
 
 def decode(obj: object, max_elements: int) -> np.ndarray:
