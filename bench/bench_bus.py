@@ -25,7 +25,12 @@ On one embedded broker, prints:
 - sessions per second of one cloud worker draining a backlog;
 - what encoding a batch of 100 replies costs the worker, each reply's
   arrays alone (as it did) against the batch's converted at once (as it
-  does), in each encoding.
+  does), in each encoding;
+- what one batched generation of 100 sessions costs at torch's 2 threads
+  and at 1 (`duet cloud --torch-threads`, default 1): on the main thread,
+  then on an executor thread as the worker runs it (`asyncio.to_thread`),
+  then on the main thread again while that thread lives; each in a fresh
+  process.
 
 Absolute times are this machine's; the ratios are what to compare.
 Run: `make bench-bus` (or python bench/bench_bus.py [--max-wait-ms T], the
@@ -242,6 +247,32 @@ def encoding_cost(ckpt: Checkpoint, sessions, encoding: str, count: int = 100, r
     return float(np.median(times[alone])), float(np.median(times[together]))
 
 
+def generation_cost(path: Path, threads: int, rounds: int = 100) -> dict[str, float]:
+    """One batched generation of 100 sessions (ms, median of ``rounds``) at ``threads`` torch threads, in
+    this (fresh) process: on the main thread, then on an executor thread as `GeneratorService` runs it
+    (`asyncio.to_thread`), then on the main thread again while that thread lives."""
+    torch.set_num_threads(threads)
+    prepared = prepare(load_dataset("ml-100k"), seed=0)
+    ckpt = checkpoint.load(path)
+    samples = [s.realtime for s in offline_test_sessions(prepared)[:100]]
+
+    def generate() -> float:
+        start = time.perf_counter()
+        with torch.inference_mode():
+            realtime, lengths = ckpt.model.realtime_batch(samples)
+            [(w.numpy(), b.numpy()) for w, b in ckpt.model.weights_for(realtime, lengths)]
+        return (time.perf_counter() - start) * 1000
+
+    async def in_thread() -> tuple[list[float], list[float]]:
+        thread = [await asyncio.to_thread(generate) for _ in range(rounds)]
+        return thread, [generate() for _ in range(rounds)]  # the loop's executor thread still alive
+
+    main_before = [generate() for _ in range(rounds)]
+    thread, main_after = asyncio.run(in_thread())
+    return {"main": float(np.median(main_before)), "thread": float(np.median(thread)),
+            "main after": float(np.median(main_after))}
+
+
 def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
@@ -257,6 +288,7 @@ async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
     """One encoding's rows (and, if ``drain``, the backlog drain) on a broker of its own, in a process of its own
     (`main` runs each phase as a child): a second phase in the same process measured slower, whatever its
     encoding and even on a fresh broker (100 in flight: 59-66 ms against 33-45 ms in the first)."""
+    torch.set_num_threads(1)  # the device side, as `duet devices` runs it (`--torch-threads`, default 1)
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     sessions = offline_test_sessions(prepared)
     ckpt = checkpoint.load(path)
@@ -343,6 +375,13 @@ async def main(max_wait_ms: str) -> None:
             sending = result["sending"]
             where.add_row(encoding, *(f"{v:.1f}" for v in result["timeline"]),
                           *(f"{v:.2f}" for kind in ("request", "reply") for v in sending[kind]))
+        generation_rows = []
+        for round_ in (1, 2):
+            for n in (2, 1):
+                out = subprocess.run([sys.executable, __file__, "--generation", str(path), str(n)], check=True,
+                                     stdout=subprocess.PIPE, text=True)
+                cost = json.loads(out.stdout.strip().splitlines()[-1])
+                generation_rows.append([str(n), str(round_), *(f"{cost[k]:.2f}" for k in ("main", "thread", "main after"))])
     console = Console(width=200)
     console.print(table)
     console.print(where)
@@ -353,6 +392,14 @@ async def main(max_wait_ms: str) -> None:
         alone, together = encoding_cost(ckpt, sessions, encoding)
         costs.add_row(encoding, f"{alone:.2f}", f"{together:.2f}", f"{alone / together:.2f}x")
     console.print(costs)
+    threads = Table(title="One batched generation of 100 sessions (GRU4Rec DUET N_p=5; ms, median of 100; each "
+                          "row a fresh process, rows alternating)")
+    for col in ("torch threads", "round", "main thread", "then an executor thread (as the worker)",
+                "then the main thread again, that thread alive"):
+        threads.add_column(col, justify="right")
+    for row in generation_rows:
+        threads.add_row(*row)
+    console.print(threads)
     console.print(f"one cloud worker drains a backlog of {BACKLOG} sessions at {rate:.0f} sessions/s "
                   f"(GRU4Rec DUET N_p=5, float32 replies, micro-batches up to 256)")
 
@@ -360,6 +407,8 @@ async def main(max_wait_ms: str) -> None:
 if __name__ == "__main__":
     if len(sys.argv) == 6 and sys.argv[1] == "--echo-server":
         asyncio.run(echo_server(*sys.argv[2:5], int(sys.argv[5])))
+    elif len(sys.argv) == 4 and sys.argv[1] == "--generation":
+        print(json.dumps(generation_cost(Path(sys.argv[2]), int(sys.argv[3]))))
     elif len(sys.argv) == 7 and sys.argv[1] == "--phase":
         encoding, ckpt_path, answer, wait, drain = sys.argv[2:]
         rows, rate, timeline, sending = asyncio.run(phase(encoding, Path(ckpt_path), int(answer), wait, drain == "1"))

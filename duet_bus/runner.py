@@ -562,10 +562,11 @@ def kafka_security(scenario: Scenario) -> Security | None:
 def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` for a block, then put back.
 
-    A run's own Python (simpy, the bus, records) is most of its time, and torch's pool threads spin
-    on the cores it and the broker need: on 2 cores one thread ran a 10,000-device scenario 1.1-1.5x
-    as fast as two (`make bench-runner` measures it). Device and cloud batches are small, so they
-    lose little.
+    A run's own Python (simpy, the bus, records) is most of its time, and its device and cloud batches
+    are small: on 2 cores one thread ran a 10,000-device scenario 1.1-1.5x as fast as two (`make
+    bench-runner` measures it). Those batches run on the event loop's executor threads, each with an
+    OpenMP team of its own once ``n`` > 1, and past one OpenMP thread per core idle threads stop
+    spinning, so every small operation pays for waking them (`make bench-bus`, its last table).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)

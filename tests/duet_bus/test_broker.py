@@ -61,3 +61,20 @@ def test_duet_cloud_takes_security_from_flags_and_environment(monkeypatch):
                                       "--sasl-mechanism", "SCRAM-SHA-256"])
     s = _security(args)
     assert (s.protocol, s.sasl_mechanism, s.username, s.password) == ("SASL_PLAINTEXT", "SCRAM-SHA-256", "svc", "pw")
+
+
+@pytest.mark.parametrize("command", ["cloud", "devices"])
+def test_long_running_commands_take_torch_threads(command, monkeypatch, capsys):
+    """`duet cloud` and `duet devices` run torch on one thread unless told otherwise (see `_set_torch_threads`),
+    and refuse a count below one before touching the broker or the checkpoint."""
+    import torch
+
+    from duet_bus.cli import _set_torch_threads, build_parser, main
+
+    assert build_parser().parse_args([command, "--checkpoint", "x.pt"]).torch_threads == 1
+    wanted = []
+    monkeypatch.setattr(torch, "set_num_threads", wanted.append)  # this test process keeps its own
+    _set_torch_threads(build_parser().parse_args([command, "--checkpoint", "x.pt", "--torch-threads", "3"]))
+    assert wanted == [3]
+    assert main([command, "--bootstrap", "127.0.0.1:1", "--checkpoint", "no-such.pt", "--torch-threads", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --torch-threads: must be a positive integer, got 0"
