@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -304,6 +305,7 @@ def load(ckpt_path: Path, ckpt, sessions) -> list[dict]:
 
 
 def main(parts: list[str]) -> None:
+    torch.set_num_threads(1)  # the device side, as `duet devices` runs it (`--torch-threads`, default 1)
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     sessions = offline_test_sessions(prepared)
     with tempfile.TemporaryDirectory() as tmp:
