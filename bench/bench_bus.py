@@ -32,7 +32,9 @@ On one embedded broker, prints:
   then on the main thread again while that thread lives; each in a fresh
   process.
 
-Absolute times are this machine's; the ratios are what to compare.
+The device side runs as `duet devices` does (`duet_bus.process`: one torch
+thread, the start-up heap frozen). Absolute times are this machine's; the
+ratios are what to compare.
 Run: `make bench-bus` (or python bench/bench_bus.py [--max-wait-ms T], the
 cloud worker's micro-batch wait, default 0).
 """
@@ -57,7 +59,7 @@ from rich.table import Table
 
 from cloud import CloudConfig, GeneratorService
 from devices import DeviceAgent, Fleet, FleetConfig
-from duet_bus import checkpoint, protocol
+from duet_bus import checkpoint, process, protocol
 from duet_bus.broker import EmbeddedBroker
 from duet_bus.bus import KafkaBus, Topics
 from duet_bus.checkpoint import Checkpoint, global_layers, model_version
@@ -288,7 +290,7 @@ async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
     """One encoding's rows (and, if ``drain``, the backlog drain) on a broker of its own, in a process of its own
     (`main` runs each phase as a child): a second phase in the same process measured slower, whatever its
     encoding and even on a fresh broker (100 in flight: 59-66 ms against 33-45 ms in the first)."""
-    torch.set_num_threads(1)  # the device side, as `duet devices` runs it (`--torch-threads`, default 1)
+    process.set_torch_threads(1)  # the device side as `duet devices` runs it (`--torch-threads`, default 1)
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     sessions = offline_test_sessions(prepared)
     ckpt = checkpoint.load(path)
@@ -313,6 +315,7 @@ async def phase(encoding: str, path: Path, answer_bytes: int, max_wait_ms: str,
         await fleet.start()
         try:
             agents = [DeviceAgent(s.device_id, ckpt, fleet) for s in sessions]
+            process.freeze_startup_heap()  # as `duet devices` does once its sessions are loaded
             await fleet.run(agents[0], sessions[0])  # warm-up: the cloud joins its group
             for level in LEVELS:
                 echo = await echo_round_trips(bus, "echo.req", "echo.rep", payload, level)

@@ -37,13 +37,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
 
 from devices import DeviceAgent, Fleet, FleetConfig
-from duet_bus import checkpoint
+from duet_bus import checkpoint, process
 from duet_bus.broker import free_port
 from duet_bus.bus import KafkaBus, Topics
 from duet_bus.data import load_dataset, prepare
@@ -305,7 +304,7 @@ def load(ckpt_path: Path, ckpt, sessions) -> list[dict]:
 
 
 def main(parts: list[str]) -> None:
-    torch.set_num_threads(1)  # the device side, as `duet devices` runs it (`--torch-threads`, default 1)
+    process.set_torch_threads(1)  # the device side as `duet devices` runs it (`--torch-threads`, default 1)
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     sessions = offline_test_sessions(prepared)
     with tempfile.TemporaryDirectory() as tmp:
@@ -314,6 +313,7 @@ def main(parts: list[str]) -> None:
         model = untrained_checkpoint(prepared)
         checkpoint.save(path, model.model, prepared)
         ckpt = checkpoint.load(path)
+        process.freeze_startup_heap()  # as `duet devices` does once its sessions are loaded
         rows, load_rows = [], []
         for name, part in (("broker", lambda: broker_restart(tmp)),
                            ("worker", lambda: worker_kill(path, ckpt, sessions)),

@@ -150,21 +150,7 @@ def _add_security_args(p: argparse.ArgumentParser) -> None:
 
 def _add_torch_threads(p: argparse.ArgumentParser) -> None:
     p.add_argument("--torch-threads", type=int, default=1,
-                   help="torch's intra-op threads (default 1: faster here, see docs/performance.md, torch's threads)")
-
-
-def _set_torch_threads(args: argparse.Namespace) -> None:
-    """A long-running process's torch threads (`--torch-threads`), set before any torch work.
-
-    Its computations run on the event loop's executor threads (`asyncio.to_thread`), and each thread that
-    runs one gets an OpenMP team of its own: past one thread per core, OpenMP stops letting idle threads
-    spin, and every small torch operation pays for waking them (a batched GRU4Rec generation of 100 sessions
-    1.7 ms on the main thread, 7 ms once a second thread had run torch; 1.5 and 1.7 ms at one thread)."""
-    import torch
-
-    if args.torch_threads < 1:
-        raise DuetError(f"--torch-threads: must be a positive integer, got {args.torch_threads}")
-    torch.set_num_threads(args.torch_threads)
+                   help="torch's intra-op threads (default 1: faster here; see duet_bus/process.py)")
 
 
 def _security(args: argparse.Namespace):
@@ -210,17 +196,18 @@ def cmd_cloud(args: argparse.Namespace) -> int:
     import asyncio
 
     from cloud import CloudConfig, GeneratorService
-    from duet_bus import checkpoint
+    from duet_bus import checkpoint, process
     from duet_bus.bus import KafkaBus
 
     bootstrap = _bootstrap(args)
     if not bootstrap:
         raise DuetError(f"duet cloud: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
     security = _security(args)
-    _set_torch_threads(args)
+    process.set_torch_threads(args.torch_threads)
     models = [checkpoint.load(path) for path in args.checkpoint]
     config = CloudConfig(group_id=args.group, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                          weight_encoding=args.weight_encoding, reply_topics=tuple(args.reply_topics or ()))
+    process.freeze_startup_heap()
 
     async def serve() -> None:
         import time
@@ -294,7 +281,7 @@ def cmd_devices(args: argparse.Namespace) -> int:
     import numpy as np
 
     from devices import DeviceAgent, Fleet, FleetConfig
-    from duet_bus import checkpoint
+    from duet_bus import checkpoint, process
     from duet_bus.bus import KafkaBus
     from duet_bus.tasks import task_named
 
@@ -302,10 +289,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     if not bootstrap:
         raise DuetError(f"duet devices: give --bootstrap HOST:PORT (or {BOOTSTRAP_ENV}); `duet broker` starts one")
     security = _security(args)
-    _set_torch_threads(args)
+    process.set_torch_threads(args.torch_threads)
     ckpt = checkpoint.load(args.checkpoint)
     task = task_named(ckpt.task)
     sessions = task.test_sessions(ckpt, args.data_path, args.seed, args.count)
+    process.freeze_startup_heap()
 
     async def run() -> tuple[list, object]:
         bus = KafkaBus(bootstrap, security=security)

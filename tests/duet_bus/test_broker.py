@@ -65,16 +65,34 @@ def test_duet_cloud_takes_security_from_flags_and_environment(monkeypatch):
 
 @pytest.mark.parametrize("command", ["cloud", "devices"])
 def test_long_running_commands_take_torch_threads(command, monkeypatch, capsys):
-    """`duet cloud` and `duet devices` run torch on one thread unless told otherwise (see `_set_torch_threads`),
+    """`duet cloud` and `duet devices` run torch on one thread unless told otherwise (`duet_bus.process`),
     and refuse a count below one before touching the broker or the checkpoint."""
     import torch
 
-    from duet_bus.cli import _set_torch_threads, build_parser, main
+    from duet_bus import process
+    from duet_bus.cli import build_parser, main
 
     assert build_parser().parse_args([command, "--checkpoint", "x.pt"]).torch_threads == 1
+    assert build_parser().parse_args([command, "--checkpoint", "x.pt", "--torch-threads", "3"]).torch_threads == 3
     wanted = []
     monkeypatch.setattr(torch, "set_num_threads", wanted.append)  # this test process keeps its own
-    _set_torch_threads(build_parser().parse_args([command, "--checkpoint", "x.pt", "--torch-threads", "3"]))
+    process.set_torch_threads(3)
     assert wanted == [3]
     assert main([command, "--bootstrap", "127.0.0.1:1", "--checkpoint", "no-such.pt", "--torch-threads", "0"]) == 2
     assert capsys.readouterr().err.strip() == "error: --torch-threads: must be a positive integer, got 0"
+    assert wanted == [3]
+
+
+def test_freezing_the_startup_heap_keeps_it_out_of_later_collections():
+    import gc
+
+    from duet_bus import process
+
+    kept = [[i] for i in range(1000)]  # long-lived, as a process's start-up is
+    try:
+        process.freeze_startup_heap()
+        assert gc.get_freeze_count() >= len(kept)
+        collected = {id(o) for o in gc.get_objects()}  # the generations a collection walks
+        assert not any(id(x) in collected for x in kept)
+    finally:
+        gc.unfreeze()
