@@ -192,6 +192,20 @@ def _stop_on_signals(stop) -> None:
         loop.add_signal_handler(sig, stop.set)
 
 
+def _sigterm_as_ctrl_c() -> None:
+    """SIGTERM (`kill`, a job scheduler, `docker stop`) stops `duet run` as Ctrl-C does: the sessions done so
+    far are reported, marked interrupted, and a sharded run asks its shards for theirs first.
+
+    Only where Ctrl-C itself is taken: a process started with SIGINT ignored (a script's background job)
+    keeps SIGTERM as it was, so that it still stops on it."""
+    import os
+    import signal
+
+    if (signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(os.getpid(), signal.SIGINT))
+
+
 def cmd_cloud(args: argparse.Namespace) -> int:
     import asyncio
 
@@ -360,6 +374,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from duet_bus.scenario import load_scenario
     from duet_bus.train import progress_bar
 
+    _sigterm_as_ctrl_c()
     _load_plugins(args.plugin)
     scenario = load_scenario(args.file, args.set)
     if args.output:

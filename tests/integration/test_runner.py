@@ -307,17 +307,17 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     assert killed and shards() == []  # both gone: the killed one and the one stopped after it
 
 
-@pytest.mark.parametrize("kind", ["memory", "kafka"])
-def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_bootstrap, tmp_path, kind):
+@pytest.mark.parametrize("kind, stop", [("memory", "SIGINT"), ("kafka", "SIGINT"), ("memory", "SIGTERM")])
+def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_bootstrap, tmp_path, kind, stop):
     """SIGINT to `duet run --shards 2` (what Ctrl-C sends it; its shards run in sessions of their own) once
     both shards are under way: each shard is asked to stop and hands over its sessions so far (a file, or
     the reports topic), and the report is written, marked interrupted, as a one-process run's is; the exit
-    code is 130."""
+    code is 130. SIGTERM (a scheduler's stop) does the same."""
     import signal
     import subprocess
     import sys
 
-    out = Path(load_scenario(scenario_file).output).parent / f"interrupted-{kind}"  # the checkpoints cached
+    out = Path(load_scenario(scenario_file).output).parent / f"interrupted-{kind}-{stop}"  # the checkpoints cached
     bus = ["--set", "bus.kind=memory"] if kind == "memory" else ["--set", f"bus.bootstrap={kafka_bootstrap}"]
     # Each device's few held-out sessions spread over the run's first two virtual hours (2 an hour): the first
     # progress line, at a tenth of the duration, comes with most of the run still to do.
@@ -332,7 +332,7 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
         if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
             started.add(line[:9])
         if len(started) == 2:
-            process.send_signal(signal.SIGINT)
+            process.send_signal(getattr(signal, stop))
             break
     printed = process.communicate(timeout=180)[0]
     assert process.returncode == 130, printed
