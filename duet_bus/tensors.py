@@ -30,15 +30,10 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
     array = np.asarray(array)
     out: dict = {}
     if encoding == "int8":
-        peak = float(np.abs(array).max()) if array.size else 0.0
-        if not math.isfinite(peak):
-            # NaN or infinite weights: the scale carries it, and a receiver refuses the array (as it refuses
-            # non-finite float32 weights) instead of taking whatever int8 codes NaN would cast to.
-            out["scale"] = peak
+        out["scale"] = scale = _int8_scale(float(np.abs(array).max()) if array.size else 0.0)
+        if not math.isfinite(scale):
             array = np.zeros(array.shape, np.int8)
         else:
-            scale = peak / 127.0 if peak > 0 else 1.0
-            out["scale"] = scale
             # |x| / scale <= 127 up to rounding, far below 127.5: rint alone keeps every value in [-127, 127]
             # (a clip changed nothing and was a third of the time; a test holds the two equal).
             array = np.rint(array / scale).astype(np.int8)  # (rint in place failed on a 0-d array's scalar)
@@ -56,15 +51,23 @@ def encode(array: np.ndarray, encoding: str | None = None) -> dict:
     return out
 
 
+def _int8_scale(peak: float) -> float:
+    """int8's scale for an array whose largest ``|x|`` is ``peak``. NaN or infinite weights: the scale carries
+    it and the codes are zeros, so a receiver refuses the array (as it refuses non-finite float32 weights)
+    instead of taking whatever int8 codes NaN would cast to."""
+    if not math.isfinite(peak):
+        return peak
+    return peak / 127.0 if peak > 0 else 1.0
+
+
 class Rows:
     """A batch of arrays converted to the wire at once: ``rows[i]`` is `encode` of ``batch[i]``, to the byte.
 
     A cloud worker's replies are the rows of one generated batch; per array, the handful of numpy calls that
     quantizing to int8 or converting to float16 makes were most of what encoding a reply cost (32 and 20 us
     a GRU4Rec reply, against 10 us in float32). Row by row the same numbers: int8's peak is each row's
-    ``max|x|`` (a float32, exactly as ``float()`` gives it), its scale that peak / 127 in double precision,
-    and the quotient a float32 division by the scale rounded to float32, as NumPy divides a float32 array by
-    a Python float. A row's map is made when asked for, so that it lives as briefly as its message (a whole
+    ``max|x|`` (a float32, exactly as ``float()`` gives it), its scale `_int8_scale` of that, and the quotient
+    a float32 division by the scale rounded to float32, as NumPy divides a float32 array by a Python float. A row's map is made when asked for, so that it lives as briefly as its message (a whole
     batch's maps made at once outlived Python's young collections: twice the full collections of a
     backlog drain)."""
 
@@ -75,16 +78,14 @@ class Rows:
                       and encoding in WEIGHT_ENCODINGS + (None,))
         if not self._fast:  # anything else (another dtype or byte order, no elements): `encode` row by row
             return
-        self._shape = list(batch.shape[1:])
+        self._shape = list(batch.shape[1:])  # one list for every row's map: msgpack only reads it
         if encoding == "int8":
-            peaks = np.abs(batch).reshape(len(batch), -1).max(axis=1).astype(np.float64)
-            finite = np.isfinite(peaks)
-            scales = np.where(finite & (peaks > 0), peaks / 127.0, np.where(finite, 1.0, peaks))
-            quotient = batch / scales.astype(np.float32).reshape(-1, *[1] * (batch.ndim - 1))
+            self._scales = [_int8_scale(peak) for peak in np.abs(batch).reshape(len(batch), -1).max(axis=1).tolist()]
+            self._finite = [math.isfinite(scale) for scale in self._scales]
+            quotient = batch / np.asarray(self._scales, np.float32).reshape(-1, *[1] * (batch.ndim - 1))
             np.rint(quotient, out=quotient)
             with np.errstate(invalid="ignore"):  # a non-finite row's codes: zeros instead, as `encode` sends
                 self._batch = quotient.astype(np.int8)
-            self._scales, self._finite = scales.tolist(), finite.tolist()
         elif encoding == "float16":
             self._batch = batch.astype("<f2")
         self._name = _LITTLE[self._batch.dtype]
@@ -97,8 +98,8 @@ class Rows:
         if not self._fast:
             return encode(row, self._encoding)
         if self._scales is None:  # little-endian float32 or float16: the row's bytes as they are
-            return {"dtype": self._name, "shape": list(self._shape), "data": row.tobytes()}
-        return {"scale": self._scales[i], "dtype": "int8", "shape": list(self._shape),
+            return {"dtype": self._name, "shape": self._shape, "data": row.tobytes()}
+        return {"scale": self._scales[i], "dtype": "int8", "shape": self._shape,
                 "data": row.tobytes() if self._finite[i] else bytes(row.size)}
 
 
