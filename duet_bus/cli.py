@@ -374,6 +374,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from duet_bus.scenario import load_scenario
     from duet_bus.train import progress_bar
 
+    if args.shard:
+        from duet_bus.shards import take_parents_stop
+
+        take_parents_stop()
     _sigterm_as_ctrl_c()
     _load_plugins(args.plugin)
     scenario = load_scenario(args.file, args.set)

@@ -56,6 +56,17 @@ from duet_bus.scenario import Scenario
 log = logging.getLogger("duet.shards")
 ROWS_PER_PART = 1000
 STOP_S = 60.0  # how long a shard process asked to stop may take to report what it has done
+PARENT_ENV = "DUET_SHARD_PARENT"  # in the environment of the shard processes `_child` starts: `take_parents_stop`
+
+
+def take_parents_stop() -> None:
+    """In a shard process that `duet run --shards N` started (`_child`): stop on SIGINT, whatever this process
+    inherited. The parent asks its shards to stop with SIGINT, and each runs in a session of its own, so no
+    terminal's Ctrl-C reaches it. A parent started with SIGINT ignored (a script's background job) handed that
+    to its shards: when one shard failed, the others ignored the request and were killed `STOP_S` later,
+    their sessions unreported."""
+    if os.environ.pop(PARENT_ENV, None) is not None:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def shard_topics(count: int) -> Topics:
@@ -407,9 +418,11 @@ async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int
 
     It runs in a session of its own, so that Ctrl-C reaches only the parent, which stops it once: cancelled,
     this sends it SIGINT (a shard then reports what it has done, as a run does on Ctrl-C) and waits up to
-    ``STOP_S`` for it to exit before killing it."""
+    ``STOP_S`` for it to exit before killing it (it takes SIGINT whatever this process ignores:
+    `take_parents_stop`)."""
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet_bus.cli", *args, "--no-dashboard",
-                                                   stdout=asyncio.subprocess.PIPE, start_new_session=True)
+                                                   stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                                                   env={**os.environ, PARENT_ENV: str(os.getpid())})
     try:
         async for line in process.stdout:
             text = line.decode(errors="replace").strip()

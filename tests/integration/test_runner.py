@@ -307,6 +307,50 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     assert killed and shards() == []  # both gone: the killed one and the one stopped after it
 
 
+def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_file, tmp_path):
+    """A run started with SIGINT ignored (a script's background job) hands that to its shards. When one shard
+    dies, the run asks the other to stop, with SIGINT: that shard writes its sessions so far to its file and
+    exits. (Before, it ignored the request and was killed `STOP_S` later, its sessions lost.)"""
+    import asyncio
+    import os
+    import signal
+
+    from duet_bus.errors import DuetError
+    from duet_bus.shards import _memory_sharded, read_records
+
+    scenario = load_scenario(scenario_file)
+    prepared = prepare_data(scenario)
+    load_checkpoints(scenario, prepared)  # cached for the shards, as `duet run --shards` does first
+    files = [tmp_path / f"shard-{k}.records" for k in (0, 1)]
+    started, killed = set(), []
+
+    def echo(line: str) -> None:  # shard 0 killed once both are under way
+        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
+            started.add(line[:9])
+        if not killed and len(started) == 2:
+            for pid in filter(str.isdigit, os.listdir("/proc")):
+                try:
+                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if str(files[0]).encode() in cmdline:
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(pid)
+
+    out = Path(scenario.output).parent / "ignored"  # beside the run's output: the checkpoints cached above
+    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--set", "devices.count=2000", "--output", str(out)]
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the shards inherit from such a parent
+    try:
+        with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
+            asyncio.run(_memory_sharded("r1", files, args, echo))
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert killed and not files[0].exists()
+    # The other shard's sessions so far, handed over on the parent's request.
+    last = read_records(files[1], "r1", 1, 2)[-1].run
+    assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
+
+
 @pytest.mark.parametrize("kind, stop", [("memory", "SIGINT"), ("kafka", "SIGINT"), ("memory", "SIGTERM")])
 def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_bootstrap, tmp_path, kind, stop):
     """SIGINT to `duet run --shards 2` (what Ctrl-C sends it; its shards run in sessions of their own) once
