@@ -37,6 +37,7 @@ import secrets
 import signal
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -60,13 +61,38 @@ PARENT_ENV = "DUET_SHARD_PARENT"  # in the environment of the shard processes `_
 
 
 def take_parents_stop() -> None:
-    """In a shard process that `duet run --shards N` started (`_child`): stop on SIGINT, whatever this process
-    inherited. The parent asks its shards to stop with SIGINT, and each runs in a session of its own, so no
-    terminal's Ctrl-C reaches it. A parent started with SIGINT ignored (a script's background job) handed that
-    to its shards: when one shard failed, the others ignored the request and were killed `STOP_S` later,
-    their sessions unreported."""
-    if os.environ.pop(PARENT_ENV, None) is not None:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    """In a shard process that `duet run --shards N` started (`_child`): stop when the parent asks, or when it
+    is gone.
+
+    The parent asks its shards to stop with SIGINT, and each runs in a session of its own, so no terminal's
+    Ctrl-C reaches it. So a shard takes SIGINT whatever it inherited: a parent started with SIGINT ignored (a
+    script's background job) handed that to its shards, and when one shard failed the others ignored the
+    request and were killed `STOP_S` later, their sessions unreported. And a parent killed outright (SIGKILL,
+    or SIGTERM where it does not take Ctrl-C) left its shards running on in their sessions until their next
+    line of output failed; each now stops as if asked (`_stop_when_parent_is_gone`)."""
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None:
+        return
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    threading.Thread(target=_stop_when_parent_is_gone, args=(int(parent),), name="parent-watch", daemon=True).start()
+
+
+def _stop_when_parent_is_gone(parent: int, settle_s: float = 2.0) -> None:
+    """Wait for the end of this shard's stdin, a pipe its parent holds open and never writes to; if the parent
+    is gone (this process handed to another parent), stop as the parent would have asked, the output that
+    went to it (a closed pipe now) going nowhere."""
+    try:
+        while os.read(0, 1 << 16):  # the file descriptor, not sys.stdin: no lock held at interpreter exit
+            pass
+    except OSError:  # no stdin to read: nothing to watch
+        return
+    give_up = time.monotonic() + settle_s  # the parent's files close just before its children are handed over
+    while os.getppid() == parent:
+        if time.monotonic() > give_up:
+            return  # the parent lives and closed the pipe itself
+        time.sleep(0.05)
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    os.kill(os.getpid(), signal.SIGINT)
 
 
 def shard_topics(count: int) -> Topics:
@@ -420,9 +446,16 @@ async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int
     this sends it SIGINT (a shard then reports what it has done, as a run does on Ctrl-C) and waits up to
     ``STOP_S`` for it to exit before killing it (it takes SIGINT whatever this process ignores:
     `take_parents_stop`)."""
+    # Its stdin: a pipe held open and never written to, whose end tells it this process is gone.
     process = await asyncio.create_subprocess_exec(sys.executable, "-m", "duet_bus.cli", *args, "--no-dashboard",
-                                                   stdout=asyncio.subprocess.PIPE, start_new_session=True,
+                                                   stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                                                   start_new_session=True,
                                                    env={**os.environ, PARENT_ENV: str(os.getpid())})
+
+    async def ended() -> int:  # the rest of its output, then its exit
+        await process.stdout.read()
+        return await process.wait()
+
     try:
         async for line in process.stdout:
             text = line.decode(errors="replace").strip()
@@ -433,8 +466,10 @@ async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int
         if process.returncode is None:
             process.send_signal(signal.SIGINT)
             try:
-                await asyncio.wait_for(process.communicate(), STOP_S)
+                await asyncio.wait_for(ended(), STOP_S)
             except asyncio.TimeoutError:
                 process.kill()
-        await process.communicate()  # the rest of its output, then its exit: its pipes are closed
+        await ended()
         raise
+    finally:
+        process.stdin.close()

@@ -351,6 +351,51 @@ def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_fil
     assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
 
 
+def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
+    """SIGKILL to `duet run --shards 2` once both shards are under way: each shard, in a session of its own,
+    sees the end of the pipe its parent held and stops as if asked, its sessions so far written to its file.
+    (Before, they ran on until their next line of output found the parent's pipe closed, and died of it.)"""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from duet_bus.shards import read_records
+
+    out = Path(load_scenario(scenario_file).output).parent / "orphaned"  # beside the run's: the checkpoints cached
+    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
+                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
+                                "--set", "devices.count=2000"], stdout=subprocess.PIPE, text=True)
+    started = set()
+    for line in process.stdout:
+        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
+            started.add(line[:9])
+        if len(started) == 2:
+            break
+    shards = {}  # pid -> its records file
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if str(out) in args and "--shard-out" in args:
+            shards[int(pid)] = (Path(args[args.index("--shard-out") + 1]), args[args.index("--run-id") + 1])
+    process.kill()
+    process.communicate()
+    assert len(shards) == 2
+    give_up = time.monotonic() + 120
+    while any(Path(f"/proc/{pid}").exists() for pid in shards) and time.monotonic() < give_up:
+        time.sleep(0.1)
+    try:
+        for path, run_id in shards.values():
+            last = read_records(path, run_id, int(path.stem.rpartition("-")[2]), 2)[-1].run
+            assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
+    finally:  # the killed parent's temporary folder
+        for path, _ in shards.values():
+            shutil.rmtree(path.parent, ignore_errors=True)
+
+
 @pytest.mark.parametrize("kind, stop", [("memory", "SIGINT"), ("kafka", "SIGINT"), ("memory", "SIGTERM")])
 def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_bootstrap, tmp_path, kind, stop):
     """SIGINT to `duet run --shards 2` (what Ctrl-C sends it; its shards run in sessions of their own) once
