@@ -74,7 +74,9 @@ def take_parents_stop() -> None:
     if parent is None:
         return
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    threading.Thread(target=_stop_when_parent_is_gone, args=(int(parent),), name="parent-watch", daemon=True).start()
+    if parent.isdigit():  # the parent's pid (anything else was not set by `_child`: no parent to watch)
+        threading.Thread(target=_stop_when_parent_is_gone, args=(int(parent),), name="parent-watch",
+                         daemon=True).start()
 
 
 def _stop_when_parent_is_gone(parent: int, settle_s: float = 2.0) -> None:

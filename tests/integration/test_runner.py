@@ -373,7 +373,7 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
             started.add(line[:9])
         if len(started) == 2:
             break
-    shards = {}  # pid -> its records file
+    shards = {}  # pid -> its records file and the run's id
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
@@ -384,8 +384,8 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
     process.kill()
     process.communicate()
     assert len(shards) == 2
-    give_up = time.monotonic() + 120
-    while any(Path(f"/proc/{pid}").exists() for pid in shards) and time.monotonic() < give_up:
+    give_up = time.monotonic() + 120  # a file that exists is complete (written, then renamed)
+    while not all(path.exists() for path, _ in shards.values()) and time.monotonic() < give_up:
         time.sleep(0.1)
     try:
         for path, run_id in shards.values():
