@@ -14,6 +14,7 @@ import functools
 import hashlib
 import json
 import os
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,13 @@ def load(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such checkpoint; make one with `duet train`")
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a corrupt file
-        raise CheckpointError(f"{path}: not a readable checkpoint ({exc.__class__.__name__}: {exc})") from exc
+    except pickle.UnpicklingError as exc:  # torch's message suggests weights_only=False: running the file's code
+        raise CheckpointError(f"{path}: not a duet-bus checkpoint (not a file of weights torch can read; "
+                              f"checkpoints are what `duet train` writes)") from exc
+    except Exception as exc:  # torch raises many types for a corrupt file, each with paragraphs of advice
+        reason = str(exc).strip().split("\n")[0].split(". ")[0]
+        raise CheckpointError(f"{path}: not a readable checkpoint, cut short or corrupt? "
+                              f"({exc.__class__.__name__}: {reason})") from exc
     if not isinstance(blob, dict) or blob.get("format") not in FORMATS:
         raise CheckpointError(f"{path}: not a duet-bus checkpoint (format {FORMAT} expected)")
     try:

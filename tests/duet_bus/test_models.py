@@ -237,13 +237,21 @@ def test_generator_heads_are_registered_trained_and_checkpointed(tiny, tmp_path)
     assert np.array_equal(predict(result.model, test), predict(loaded.model, test))
 
 
-def test_checkpoint_errors_name_the_file(tmp_path):
+def test_checkpoint_errors_name_the_file(tmp_path, duet_checkpoint_file):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoint.load(tmp_path / "missing.pt")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="bad.pt"):
+    # One line, and never torch's advice to load it with weights_only=False (running the file's code).
+    with pytest.raises(CheckpointError, match=r"^\S*bad.pt: not a duet-bus checkpoint \(not a file of weights") as err:
         checkpoint.load(bad)
+    assert "\n" not in str(err.value) and "weights_only" not in str(err.value)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(duet_checkpoint_file.read_bytes()[:2000])
+    with pytest.raises(CheckpointError, match=r"cut.pt: not a readable checkpoint, cut short or corrupt\? "
+                                              r"\(RuntimeError: PytorchStreamReader failed") as err:
+        checkpoint.load(cut)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("field, value, reason", [
