@@ -51,6 +51,22 @@ def rows(out):
         return list(csv.DictReader(f))
 
 
+def shard_processes(marker: str) -> dict[int, list[str]]:
+    """The running shard processes of `duet run --shards` (those given ``--shard-out``) whose arguments hold
+    ``marker``: pid -> arguments."""
+    import os
+
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+        except OSError:
+            continue
+        if "--shard-out" in args and any(marker in arg for arg in args):
+            found[int(pid)] = args
+    return found
+
+
 def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
     threads, collector = torch.get_num_threads(), gc.get_threshold()
     during = set()
@@ -281,22 +297,11 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     prepared = prepare_data(scenario)
     load_checkpoints(scenario, prepared)  # cached for the shards, as `duet run --shards` does first
 
-    def shards() -> list[int]:
-        found = []
-        for pid in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(tmp_path).encode() in cmdline and b"--shard-out" in cmdline:
-                found.append(int(pid))
-        return found
-
     killed = []
 
     def echo(line: str) -> None:
         if not killed and line.startswith("shard 0/2: virtual"):
-            pid = next(pid for pid in shards() if b"shard-0.records" in Path(f"/proc/{pid}/cmdline").read_bytes())
+            pid = next(iter(shard_processes(str(tmp_path / "shard-0.records"))))
             os.kill(pid, signal.SIGKILL)
             killed.append(pid)
 
@@ -304,7 +309,7 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(out)]
     with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
         asyncio.run(_memory_sharded("r1", [tmp_path / f"shard-{k}.records" for k in (0, 1)], args, echo))
-    assert killed and shards() == []  # both gone: the killed one and the one stopped after it
+    assert killed and shard_processes(str(tmp_path)) == {}  # both gone: the one killed, the one stopped after it
 
 
 def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_file, tmp_path):
@@ -328,14 +333,9 @@ def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_fil
         if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
             started.add(line[:9])
         if not killed and len(started) == 2:
-            for pid in filter(str.isdigit, os.listdir("/proc")):
-                try:
-                    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-                except OSError:
-                    continue
-                if str(files[0]).encode() in cmdline:
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(pid)
+            for pid in shard_processes(str(files[0])):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
 
     out = Path(scenario.output).parent / "ignored"  # beside the run's output: the checkpoints cached above
     args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--set", "devices.count=2000", "--output", str(out)]
@@ -355,7 +355,6 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
     """SIGKILL to `duet run --shards 2` once both shards are under way: each shard, in a session of its own,
     sees the end of the pipe its parent held and stops as if asked, its sessions so far written to its file.
     (Before, they ran on until their next line of output found the parent's pipe closed, and died of it.)"""
-    import os
     import shutil
     import subprocess
     import sys
@@ -373,14 +372,8 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
             started.add(line[:9])
         if len(started) == 2:
             break
-    shards = {}  # pid -> its records file and the run's id
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
-        except OSError:
-            continue
-        if str(out) in args and "--shard-out" in args:
-            shards[int(pid)] = (Path(args[args.index("--shard-out") + 1]), args[args.index("--run-id") + 1])
+    shards = {pid: (Path(args[args.index("--shard-out") + 1]), args[args.index("--run-id") + 1])
+              for pid, args in shard_processes(str(out)).items()}  # pid -> its records file, the run's id
     process.kill()
     process.communicate()
     assert len(shards) == 2
