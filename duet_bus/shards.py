@@ -475,3 +475,6 @@ async def _child(args: list[str], echo: Callable[[str], Any], label: str) -> int
         raise
     finally:
         process.stdin.close()
+        if process.returncode is None:  # cancelled again while it stopped (Ctrl-C twice): it ends with this run
+            process.kill()
+            await process.wait()  # reaped, its pipes closed, before the loop closes

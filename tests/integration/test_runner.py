@@ -425,6 +425,35 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
     assert run["virtual_s"] < 3 * 3600 and len(rows(out)) == 4 * run["sessions"]  # stopped before its end
 
 
+def test_ctrl_c_twice_on_shards_ends_at_once_and_cleanly(scenario_file, tmp_path):
+    """Ctrl-C twice on `duet run --shards 2`: the second ends the run without waiting for the shards, which
+    end with it (none left running), and without asyncio's "Exception ignored ... Event loop is closed"
+    about their pipes (printed before: the loop closed with the shards' transports still open)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = Path(load_scenario(scenario_file).output).parent / "twice"  # beside the run's: the checkpoints cached
+    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
+                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
+                                "--set", "devices.count=2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = set()
+    for line in process.stdout:
+        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
+            started.add(line[:9])
+        if len(started) == 2:
+            break
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, errors = process.communicate(timeout=180)
+    assert process.returncode == 130, errors[-2000:]
+    assert "Exception ignored" not in errors, errors[-2000:]
+    assert shard_processes(str(out)) == {}
+
+
 def test_processes_wanting_the_same_checkpoint_at_once_train_it_once(scenario_file, tmp_path):
     """Two processes on one cold cache want the same recipes at the same time (the shards of a run did, when
     their cache was not the parent's; two runs on one output folder): one trains each recipe while the other
