@@ -67,6 +67,29 @@ def shard_processes(marker: str) -> dict[int, list[str]]:
     return found
 
 
+def sharded_run_under_way(scenario_file, out: Path, settings: list[str], stderr=None):
+    """`duet run FILE --shards 2 --set S...` as a process, returned once both shards printed their first progress
+    line (with each device's few held-out sessions spread over the run's first virtual hours, most of the run is
+    still to do then). SIGINT at its default in it: a test run started where SIGINT is ignored (a script's
+    background job) would hand that on, and a process that ignores SIGINT rightly does not stop on it."""
+    import signal
+    import subprocess
+    import sys
+
+    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
+                                "--no-dashboard", "--output", str(out),
+                                *(arg for setting in settings for arg in ("--set", setting))],
+                               stdout=subprocess.PIPE, stderr=stderr, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    started = set()
+    for line in process.stdout:
+        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
+            started.add(line[:9])
+        if len(started) == 2:
+            return process
+    raise AssertionError(f"the run ended before both shards were under way (exit code {process.wait()})")
+
+
 def test_tiny_scenario_report_and_shift(scenario_file, kafka_bootstrap):
     threads, collector = torch.get_num_threads(), gc.get_threshold()
     during = set()
@@ -356,22 +379,12 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
     sees the end of the pipe its parent held and stops as if asked, its sessions so far written to its file.
     (Before, they ran on until their next line of output found the parent's pipe closed, and died of it.)"""
     import shutil
-    import subprocess
-    import sys
     import time
 
     from duet_bus.shards import read_records
 
     out = Path(load_scenario(scenario_file).output).parent / "orphaned"  # beside the run's: the checkpoints cached
-    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
-                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
-                                "--set", "devices.count=2000"], stdout=subprocess.PIPE, text=True)
-    started = set()
-    for line in process.stdout:
-        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
-            started.add(line[:9])
-        if len(started) == 2:
-            break
+    process = sharded_run_under_way(scenario_file, out, ["bus.kind=memory", "devices.count=2000"])
     shards = {pid: (Path(args[args.index("--shard-out") + 1]), args[args.index("--run-id") + 1])
               for pid, args in shard_processes(str(out)).items()}  # pid -> its records file, the run's id
     process.kill()
@@ -396,26 +409,11 @@ def test_ctrl_c_on_shards_reports_the_sessions_done_so_far(scenario_file, kafka_
     the reports topic), and the report is written, marked interrupted, as a one-process run's is; the exit
     code is 130. SIGTERM (a scheduler's stop) does the same."""
     import signal
-    import subprocess
-    import sys
 
     out = Path(load_scenario(scenario_file).output).parent / f"interrupted-{kind}-{stop}"  # the checkpoints cached
-    bus = ["--set", "bus.kind=memory"] if kind == "memory" else ["--set", f"bus.bootstrap={kafka_bootstrap}"]
-    # Each device's few held-out sessions spread over the run's first two virtual hours (2 an hour): the first
-    # progress line, at a tenth of the duration, comes with most of the run still to do.
-    # SIGINT at its default in the child: a test run started where SIGINT is ignored (a background job of a
-    # script) would hand its children that, and a process that ignores SIGINT rightly does not stop on it.
-    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
-                                "--no-dashboard", "--output", str(out), *bus, "--set", "devices.count=2000"],
-                               stdout=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    started = set()
-    for line in process.stdout:
-        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
-            started.add(line[:9])
-        if len(started) == 2:
-            process.send_signal(getattr(signal, stop))
-            break
+    bus = "bus.kind=memory" if kind == "memory" else f"bus.bootstrap={kafka_bootstrap}"
+    process = sharded_run_under_way(scenario_file, out, [bus, "devices.count=2000"])
+    process.send_signal(getattr(signal, stop))
     printed = process.communicate(timeout=180)[0]
     assert process.returncode == 130, printed
     assert "interrupted; the report covers the sessions done so far" in printed
@@ -431,20 +429,11 @@ def test_ctrl_c_twice_on_shards_ends_at_once_and_cleanly(scenario_file, tmp_path
     about their pipes (printed before: the loop closed with the shards' transports still open)."""
     import signal
     import subprocess
-    import sys
     import time
 
     out = Path(load_scenario(scenario_file).output).parent / "twice"  # beside the run's: the checkpoints cached
-    process = subprocess.Popen([sys.executable, "-m", "duet_bus.cli", "run", str(scenario_file), "--shards", "2",
-                                "--no-dashboard", "--output", str(out), "--set", "bus.kind=memory",
-                                "--set", "devices.count=2000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    started = set()
-    for line in process.stdout:
-        if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
-            started.add(line[:9])
-        if len(started) == 2:
-            break
+    process = sharded_run_under_way(scenario_file, out, ["bus.kind=memory", "devices.count=2000"],
+                                    stderr=subprocess.PIPE)
     process.send_signal(signal.SIGINT)
     time.sleep(0.05)
     process.send_signal(signal.SIGINT)
