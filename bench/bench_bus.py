@@ -253,7 +253,7 @@ def generation_cost(path: Path, threads: int, rounds: int = 100) -> dict[str, fl
     """One batched generation of 100 sessions (ms, median of ``rounds``) at ``threads`` torch threads, in
     this (fresh) process: on the main thread, then on an executor thread as `GeneratorService` runs it
     (`asyncio.to_thread`), then on the main thread again while that thread lives."""
-    torch.set_num_threads(threads)
+    process.set_torch_threads(threads)
     prepared = prepare(load_dataset("ml-100k"), seed=0)
     ckpt = checkpoint.load(path)
     samples = [s.realtime for s in offline_test_sessions(prepared)[:100]]

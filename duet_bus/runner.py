@@ -563,10 +563,9 @@ def torch_threads(n: int):
     """torch's intra-op threads set to ``n`` for a block, then put back.
 
     A run's own Python (simpy, the bus, records) is most of its time, and its device and cloud batches
-    are small: on 2 cores one thread ran a 10,000-device scenario 1.1-1.5x as fast as two (`make
-    bench-runner` measures it). Those batches run on the event loop's executor threads, each with an
-    OpenMP team of its own once ``n`` > 1, and past one OpenMP thread per core idle threads stop
-    spinning, so every small operation pays for waking them (`make bench-bus`, its last table).
+    are small and run on the event loop's executor threads, as in `duet cloud` and `duet devices` (why one
+    thread serves them best: `duet_bus.process`). On 2 cores one thread ran a 10,000-device scenario
+    1.1-1.5x as fast as two (`make bench-runner` measures it).
     """
     before = torch.get_num_threads()
     torch.set_num_threads(n)

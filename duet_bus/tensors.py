@@ -67,9 +67,9 @@ class Rows:
     quantizing to int8 or converting to float16 makes were most of what encoding a reply cost (32 and 20 us
     a GRU4Rec reply, against 10 us in float32). Row by row the same numbers: int8's peak is each row's
     ``max|x|`` (a float32, exactly as ``float()`` gives it), its scale `_int8_scale` of that, and the quotient
-    a float32 division by the scale rounded to float32, as NumPy divides a float32 array by a Python float. A row's map is made when asked for, so that it lives as briefly as its message (a whole
-    batch's maps made at once outlived Python's young collections: twice the full collections of a
-    backlog drain)."""
+    a float32 division by the scale rounded to float32, as NumPy divides a float32 array by a Python float.
+    A row's map is made when asked for, so that it lives as briefly as its message (a whole batch's maps
+    made at once outlived Python's young collections: twice the full collections of a backlog drain)."""
 
     def __init__(self, batch: np.ndarray, encoding: str | None = None) -> None:
         batch = np.asarray(batch)

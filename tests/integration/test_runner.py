@@ -306,9 +306,10 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, m
         assert f"shard {k}/2: virtual   3.00 h" in printed and f"\nshard {k}/2 of run" in printed, printed
 
 
-def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file, tmp_path):
-    """SIGKILL one in-process shard at its first progress line: the run ends with an error naming its exit
-    code, and the other shard is stopped and reaped, not left running or waited for."""
+def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
+    """The in-process shards of `duet run --shards 2` (`_memory_sharded`, ``--set`` each of ``settings``) with
+    shard 0 SIGKILLed once both are under way: the run must end with an error naming that exit code. The
+    shards' records files (shard 0's never written)."""
     import asyncio
     import os
     import signal
@@ -319,40 +320,10 @@ def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file
     scenario = load_scenario(scenario_file)
     prepared = prepare_data(scenario)
     load_checkpoints(scenario, prepared)  # cached for the shards, as `duet run --shards` does first
-
-    killed = []
-
-    def echo(line: str) -> None:
-        if not killed and line.startswith("shard 0/2: virtual"):
-            pid = next(iter(shard_processes(str(tmp_path / "shard-0.records"))))
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
-
-    out = Path(scenario.output).parent / "killed"  # beside the run's output: the checkpoints cached above
-    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--output", str(out)]
-    with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
-        asyncio.run(_memory_sharded("r1", [tmp_path / f"shard-{k}.records" for k in (0, 1)], args, echo))
-    assert killed and shard_processes(str(tmp_path)) == {}  # both gone: the one killed, the one stopped after it
-
-
-def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_file, tmp_path):
-    """A run started with SIGINT ignored (a script's background job) hands that to its shards. When one shard
-    dies, the run asks the other to stop, with SIGINT: that shard writes its sessions so far to its file and
-    exits. (Before, it ignored the request and was killed `STOP_S` later, its sessions lost.)"""
-    import asyncio
-    import os
-    import signal
-
-    from duet_bus.errors import DuetError
-    from duet_bus.shards import _memory_sharded, read_records
-
-    scenario = load_scenario(scenario_file)
-    prepared = prepare_data(scenario)
-    load_checkpoints(scenario, prepared)  # cached for the shards, as `duet run --shards` does first
     files = [tmp_path / f"shard-{k}.records" for k in (0, 1)]
     started, killed = set(), []
 
-    def echo(line: str) -> None:  # shard 0 killed once both are under way
+    def echo(line: str) -> None:
         if line.startswith(("shard 0/2: virtual", "shard 1/2: virtual")):
             started.add(line[:9])
         if not killed and len(started) == 2:
@@ -360,15 +331,35 @@ def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_fil
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-    out = Path(scenario.output).parent / "ignored"  # beside the run's output: the checkpoints cached above
-    args = ["run", str(scenario_file), "--set", "bus.kind=memory", "--set", "devices.count=2000", "--output", str(out)]
+    out = Path(scenario.output).parent / label  # beside the run's output: the checkpoints cached above
+    args = ["run", str(scenario_file), "--output", str(out), "--set", "bus.kind=memory",
+            *(arg for setting in settings for arg in ("--set", setting))]
+    with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
+        asyncio.run(_memory_sharded("r1", files, args, echo))
+    assert killed and not files[0].exists()
+    return files
+
+
+def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file, tmp_path):
+    """SIGKILL one in-process shard mid-run: the run ends with an error naming its exit code, and the other
+    shard is stopped and reaped, not left running or waited for."""
+    run_killing_shard_0(scenario_file, tmp_path, "killed")
+    assert shard_processes(str(tmp_path)) == {}  # both gone: the one killed, the one stopped after it
+
+
+def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_file, tmp_path):
+    """A run started with SIGINT ignored (a script's background job) hands that to its shards. When one shard
+    dies, the run asks the other to stop, with SIGINT: that shard writes its sessions so far to its file and
+    exits. (Before, it ignored the request and was killed `STOP_S` later, its sessions lost.)"""
+    import signal
+
+    from duet_bus.shards import read_records
+
     before = signal.signal(signal.SIGINT, signal.SIG_IGN)  # what the shards inherit from such a parent
     try:
-        with pytest.raises(DuetError, match=r"a shard process failed \(exit code -9\)"):
-            asyncio.run(_memory_sharded("r1", files, args, echo))
+        files = run_killing_shard_0(scenario_file, tmp_path, "ignored", ("devices.count=2000",))
     finally:
         signal.signal(signal.SIGINT, before)
-    assert killed and not files[0].exists()
     # The other shard's sessions so far, handed over on the parent's request.
     last = read_records(files[1], "r1", 1, 2)[-1].run
     assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
