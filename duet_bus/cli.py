@@ -457,13 +457,15 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
 
 
 def _collect(scenario, args: argparse.Namespace) -> int:
-    """`duet run --collect N --run-id R`: the report of a run whose N shards ran elsewhere."""
+    """`duet run --collect N --run-id R`: the report of a run whose N shards ran elsewhere (or, on the in-process
+    bus, whose parent was killed)."""
     from duet_bus.report import run_table
-    from duet_bus.shards import collect_run
+    from duet_bus.shards import collect_run, records_folder
 
     if not args.run_id:
         raise ConfigError("--collect: needs --run-id, the one its shards were given")
-    console.print(f"collecting run {args.run_id} ({args.collect} shards) from {scenario.bootstrap}")
+    source = records_folder(scenario, args.run_id) if scenario.bus_kind == "memory" else scenario.bootstrap
+    console.print(f"collecting run {args.run_id} ({args.collect} shards) from {source}")
     doc, out = collect_run(scenario, args.collect, args.run_id)
     console.print(run_table(doc))
     console.print(f"report: {out}/results.json, {out}/sessions.csv")
@@ -559,7 +561,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "its own cloud and write its records to FILE (what "
                                                        "--shards N does for each shard)")
     p.add_argument("--collect", type=int, metavar="N", help="write the report of run --run-id from its N "
-                                                            "shards' records on the cluster's reports topic")
+                                                            "shards' records on the cluster's reports topic (on "
+                                                            "the in-process bus: those its shards left in the "
+                                                            "output folder when their parent was killed)")
     p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
     p.set_defaults(func=cmd_run)
 

@@ -18,14 +18,16 @@ metrics (delays are measured, so they differ).
   against a shared cluster; the cloud is `duet cloud` workers serving the
   same checkpoint files (give them in `model.checkpoints`).
 - `collect_run` (`duet run --collect N --run-id R`): the report of a run whose
-  shards ran elsewhere.
+  shards ran elsewhere, or whose parent was killed.
 
 With the in-process bus (`bus.kind: memory`) there is no broker to meet on:
 `duet run --shards N` then runs every shard with its own in-process cloud
 (`run_memory_shard`), each child writes its records to a file in the same
-messages it would publish, and the parent reads them (`read_records`). The
-sessions, their metrics and the report are those of one process, and the
-run uses as many cores as it has shards.
+messages it would publish (in the run's output folder, `records_folder`), and
+the parent reads them (`read_records`) and removes them. The sessions, their
+metrics and the report are those of one process, and the run uses as many
+cores as it has shards. Shards whose parent was killed write their files all
+the same, and `duet run --collect N --run-id R` makes the report of them.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ import asyncio
 import logging
 import os
 import secrets
+import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import asdict, replace
@@ -127,6 +129,13 @@ async def publish_records(bus, topics: Topics, shard: Shard, state: RunState, ru
     """A shard's records on the reports topic, in parts."""
     for message in shard_messages(shard, state, run):
         await bus.send(topics.reports, protocol.encode(message), key=shard.run_id.encode(), partition=0)
+
+
+def records_folder(scenario: Scenario, run_id: str) -> Path:
+    """Where the in-process shards of run ``run_id`` write their records (``shard-k.records``): a folder of
+    the run's output folder, removed once the run's report is written. A parent killed mid-run leaves it, its
+    shards' records in it, for `collect_run`."""
+    return Path(scenario.output) / f".shards-{run_id}"
 
 
 def write_records(path: Path, messages: list[ShardRecords]) -> None:
@@ -300,7 +309,11 @@ def run_memory_shard(scenario: Scenario, prepared: Any, checkpoints: dict[str, C
 
 def collect_run(scenario: Scenario, count: int, run_id: str, timeout_s: float = 3600.0) -> tuple[dict, Path]:
     """The report of run ``run_id`` whose ``count`` shards run elsewhere: read from the start of the reports
-    topic until every shard has published, then written as one run's."""
+    topic until every shard has published, then written as one run's. On the in-process bus: the records its
+    shards left in `records_folder` when their parent was killed (the run's wall time is then its slowest
+    shard's)."""
+    if scenario.bus_kind == "memory":
+        return _collect_files(scenario, count, run_id)
     if not scenario.bootstrap:
         raise ConfigError("--collect: reads the run's records from its Kafka cluster: give bus.bootstrap")
 
@@ -322,6 +335,17 @@ def collect_run(scenario: Scenario, count: int, run_id: str, timeout_s: float = 
     return write_merged(scenario, messages, time.perf_counter() - start)
 
 
+def _collect_files(scenario: Scenario, count: int, run_id: str) -> tuple[dict, Path]:
+    folder = records_folder(scenario, run_id)
+    if not folder.is_dir():
+        raise ConfigError(f"--collect: no records of run {run_id} in {folder} (in-process shards leave theirs "
+                          f"there when their parent is killed; give the run's --output and --run-id)")
+    messages = [m for k in range(count) for m in read_records(folder / f"shard-{k}.records", run_id, k, count)]
+    result = write_merged(scenario, messages, max(m.run["wall_s"] for m in messages if m.done))
+    shutil.rmtree(folder)
+    return result
+
+
 def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: int, child_args: list[str],
                 echo=print) -> tuple[dict, Path]:
     """`duet run FILE --shards N` on one host: this process holds the broker (unless the scenario names a
@@ -334,8 +358,10 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
              f"device times measured in them (sessions timed alone) are slower than a device's")
     if scenario.bus_kind == "memory":
         run_id = secrets.token_hex(4)
-        with tempfile.TemporaryDirectory(prefix="duet-shards-") as folder:
-            files = [Path(folder) / f"shard-{k}.records" for k in range(count)]
+        folder = records_folder(scenario, run_id)
+        folder.mkdir(parents=True)
+        try:
+            files = [folder / f"shard-{k}.records" for k in range(count)]
             start = time.perf_counter()
             try:
                 asyncio.run(_memory_sharded(run_id, files, child_args, echo))
@@ -345,7 +371,9 @@ def run_sharded(scenario: Scenario, checkpoints: dict[str, Checkpoint], count: i
                 echo(f"run {run_id}: interrupted; the report covers the sessions done so far")
             wall = time.perf_counter() - start
             messages = [m for k, f in enumerate(files) if f.exists() for m in read_records(f, run_id, k, count)]
-        return write_merged(scenario, messages, wall)
+            return write_merged(scenario, messages, wall)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
     security = kafka_security(scenario)
     broker = EmbeddedBroker() if not scenario.bootstrap else None
     interrupted: dict[str, Any] = {}

@@ -297,6 +297,7 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, m
     one, two = _same_run_over_two_shards(single, out)
     assert all(s["sessions"] > 0 for s in two["run"]["shards"])
     assert two["run"]["cloud"]["workers"] == 2  # one in each shard
+    assert not list(out.glob(".shards-*"))  # the shards' records files, read and removed
     assert two["run"]["over_the_bus"]["answered"] == two["run"]["cloud"]["served"] == \
         one["run"]["over_the_bus"]["answered"] > 0
     printed = capsys.readouterr().out
@@ -365,14 +366,15 @@ def test_a_shard_asked_to_stop_reports_even_where_sigint_is_ignored(scenario_fil
     assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
 
 
-def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
+def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path, capsys):
     """SIGKILL to `duet run --shards 2` once both shards are under way: each shard, in a session of its own,
-    sees the end of the pipe its parent held and stops as if asked, its sessions so far written to its file.
-    (Before, they ran on until their next line of output found the parent's pipe closed, and died of it.)"""
-    import shutil
+    sees the end of the pipe its parent held and stops as if asked, its sessions so far written to its file in
+    the run's output folder. (Before, they ran on until their next line of output found the parent's pipe
+    closed, and died of it; and their files were in a temporary folder nobody read.) `duet run --collect 2
+    --run-id R` then writes the run's report from those files, marked interrupted, and removes them."""
     import time
 
-    from duet_bus.shards import read_records
+    from duet_bus.cli import main
 
     out = Path(load_scenario(scenario_file).output).parent / "orphaned"  # beside the run's: the checkpoints cached
     process = sharded_run_under_way(scenario_file, out, ["bus.kind=memory", "devices.count=2000"])
@@ -381,16 +383,19 @@ def test_shards_stop_when_their_parent_is_killed(scenario_file, tmp_path):
     process.kill()
     process.communicate()
     assert len(shards) == 2
+    run_id = next(iter(shards.values()))[1]
+    assert {(path.parent, r) for path, r in shards.values()} == {(out / f".shards-{run_id}", run_id)}
     give_up = time.monotonic() + 120  # a file that exists is complete (written, then renamed)
     while not all(path.exists() for path, _ in shards.values()) and time.monotonic() < give_up:
         time.sleep(0.1)
-    try:
-        for path, run_id in shards.values():
-            last = read_records(path, run_id, int(path.stem.rpartition("-")[2]), 2)[-1].run
-            assert last["interrupted"] and not last["finished"] and last["sessions"] > 0, last
-    finally:  # the killed parent's temporary folder
-        for path, _ in shards.values():
-            shutil.rmtree(path.parent, ignore_errors=True)
+    assert main(["run", str(scenario_file), "--collect", "2", "--run-id", run_id, "--output", str(out),
+                 "--set", "bus.kind=memory", "--set", "devices.count=2000"]) == 0
+    assert f"collecting run {run_id} (2 shards) from {out / f'.shards-{run_id}'}" in capsys.readouterr().out
+    run = json.loads((out / "results.json").read_text())["run"]
+    assert run["interrupted"] and not run["finished"]
+    assert [s["shard"] for s in run["shards"]] == [0, 1] and all(s["sessions"] > 0 for s in run["shards"])
+    assert run["wall_s"] == max(s["wall_s"] for s in run["shards"])
+    assert len(rows(out)) == 4 * run["sessions"] and not (out / f".shards-{run_id}").exists()
 
 
 @pytest.mark.parametrize("kind, stop", [("memory", "SIGINT"), ("kafka", "SIGINT"), ("memory", "SIGTERM")])
@@ -462,7 +467,7 @@ def test_processes_wanting_the_same_checkpoint_at_once_train_it_once(scenario_fi
     assert sorted(f.suffix for f in tmp_path.iterdir()) == [".pt"] * 3  # no .tmp, no .lock
 
 
-def test_shard_flags_are_checked(scenario_file, capsys):
+def test_shard_flags_are_checked(scenario_file, capsys, tmp_path):
     from duet_bus.cli import main
 
     for args, message in ((["--shard", "2/2", "--run-id", "x"], "--shard: must be k/N with 0 <= k < N"),
@@ -475,9 +480,18 @@ def test_shard_flags_are_checked(scenario_file, capsys):
                           (["--shard", "one/two", "--run-id", "x"], "--shard: must be k/N"),
                           (["--shard-out", "x.records"], "--shard-out: only with --shard"),
                           (["--shard", "0/2", "--run-id", "x", "--shard-out", "x.records"],
-                           "--shard-out: only for shards on the in-process bus")):
+                           "--shard-out: only for shards on the in-process bus"),
+                          (["--collect", "2", "--run-id", "x", "--set", "bus.kind=memory"],
+                           "--collect: no records of run x in ")):
         assert main(["run", str(scenario_file), *args]) == 2
         assert message in capsys.readouterr().err, args
+    # In-process shards' records of which one shard's file is missing: named, and nothing written.
+    out = tmp_path / "run"
+    (out / ".shards-x").mkdir(parents=True)
+    assert main(["run", str(scenario_file), "--collect", "2", "--run-id", "x", "--output", str(out),
+                 "--set", "bus.kind=memory"]) == 2
+    assert "run x: shard 0 wrote no records (No such file or directory: " in capsys.readouterr().err
+    assert not (out / "results.json").exists() and (out / ".shards-x").is_dir()
 
 
 def test_shards_on_several_hosts_and_a_collector(scenario_file, kafka_bootstrap):
