@@ -445,7 +445,8 @@ def _run_shards(scenario, args: argparse.Namespace) -> int:
                       f"{state.wall_s:.1f} s, records " + (f"in {args.shard_out}" if args.shard_out
                                                            else "published on the reports topic"))
         return 130 if state.interrupted else 0
-    child = ["run", args.file, *(a for item in args.set or () for a in ("--set", item))]
+    child = ["run", args.file, *(a for item in args.set or () for a in ("--set", item)),
+             *(a for module in args.plugin or () for a in ("--plugin", module))]  # the shards read the same file
     if args.output:
         child += ["--output", args.output]
     console.print(f"scenario {scenario.name}: {args.shards} shards of {scenario.device_count} devices")

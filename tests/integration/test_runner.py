@@ -307,6 +307,36 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, m
         assert f"shard {k}/2: virtual   3.00 h" in printed and f"\nshard {k}/2 of run" in printed, printed
 
 
+def test_a_plugin_shift_runs_in_one_process_and_in_shards(scenario_file, tmp_path, monkeypatch):
+    """`duet run --plugin M` with a shift that module registers: the run shifts its devices with it, and so do
+    the shards of `--shards 2`, the same devices with the same sessions and metrics as one process. (Before,
+    the shards were not given the plugin and each failed on the scenario's unknown shift kind.)"""
+    import sys
+
+    from duet_bus.cli import main
+    from duet_bus.shifts import SHIFTS
+
+    (tmp_path / "tiny_plugin_shift.py").write_text(
+        "from duet_bus.shifts import Handover, register_shift\n\n\n"
+        "@register_shift\nclass PluginHandover(Handover):\n    KIND = 'plugin_handover'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the shard processes import it too
+    doc = yaml.safe_load(scenario_file.read_text())
+    doc["shifts"][0]["kind"] = "plugin_handover"
+    path = tmp_path / "plugin.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    runs = Path(doc["output"]).parent  # beside the scenario's output: the checkpoints cached
+    try:
+        for label, more in (("plugin-one", []), ("plugin-two", ["--shards", "2"])):
+            assert main(["run", str(path), "--plugin", "tiny_plugin_shift", "--output", str(runs / label),
+                         "--no-dashboard", "--set", "bus.kind=memory", *more]) == 0
+        one, _ = _same_run_over_two_shards(runs / "plugin-one", runs / "plugin-two")
+        assert [s["kind"] for s in one["shifts"]] == ["plugin_handover"] and one["shifts"][0]["devices"]
+    finally:
+        SHIFTS.pop("plugin_handover", None)
+        sys.modules.pop("tiny_plugin_shift", None)
+
+
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
     """The in-process shards of `duet run --shards 2` (`_memory_sharded`, ``--set`` each of ``settings``) with
     shard 0 SIGKILLed once both are under way: the run must end with an error naming that exit code. The
