@@ -26,7 +26,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
                    help="ml-100k / ml-1m: recommendation; fashion-mnist, ck+ (by --data-path): image classification")
     p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder; ML-100k is bundled), the "
                                        "folder of the four Fashion-MNIST idx files, or CK+'s folder")
-    p.add_argument("--backbone", help="din, sasrec (default), gru4rec; mobilenetv3_small (default), mobilenetv3_large")
+    p.add_argument("--backbone", help="din, sasrec (default), gru4rec or one a --plugin registers; "
+                                      "mobilenetv3_small (default), mobilenetv3_large")
     p.add_argument("--epochs", type=int, help="at most; early stopping on validation (default 30; images 6)")
     p.add_argument("--patience", type=int, help="epochs without a better validation score (default 5; images 3)")
     p.add_argument("--batch-size", type=int,
@@ -339,6 +340,11 @@ def cmd_devices(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plugin(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--plugin", action="append",
+                   help="import this module first: one that registers shifts or backbones (repeatable)")
+
+
 def _load_plugins(modules: list[str] | None) -> None:
     import importlib
 
@@ -352,7 +358,6 @@ def _load_plugins(modules: list[str] | None) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from duet_bus.scenario import load_scenario
 
-    _load_plugins(args.plugin)
     failed = 0
     for path in args.files:
         try:
@@ -379,7 +384,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         take_parents_stop()
     _sigterm_as_ctrl_c()
-    _load_plugins(args.plugin)
     scenario = load_scenario(args.file, args.set)
     if args.output:
         scenario = replace(scenario, output=args.output)
@@ -565,12 +569,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "shards' records on the cluster's reports topic (on "
                                                             "the in-process bus: those its shards left in the "
                                                             "output folder when their parent was killed)")
-    p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
+    _add_plugin(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("validate", help="check scenario files and report every problem")
     p.add_argument("files", nargs="+")
-    p.add_argument("--plugin", action="append", help="import this module first (e.g. one that registers shifts)")
+    _add_plugin(p)
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("report", help="re-render the table and plots of a run folder, or the tables and training "
@@ -587,6 +591,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="write the results document (JSON) here")
     p.add_argument("--cache", help="keep each seed's results in this folder as it finishes; seeds found there "
                                    "are read, not run again (resume a stopped run, add seeds)")
+    _add_plugin(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train one model and save a checkpoint for the cloud service")
@@ -594,6 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="duet", help="base, duet_no_swa, duet or duet_npK")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="checkpoint file to write")
+    _add_plugin(p)
     p.set_defaults(func=cmd_train, seeds=1)
 
     p = sub.add_parser("broker", help="run the embedded Kafka-compatible broker in the foreground")
@@ -614,11 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a topic requests may name as reply_topic (repeatable; default: duet.weights only)")
     _add_torch_threads(p)
     _add_security_args(p)
+    _add_plugin(p)
     p.set_defaults(func=cmd_cloud)
 
     p = sub.add_parser("info", help="what a checkpoint serves: model version, item ids, L, layer shapes (as JSON)")
     p.add_argument("checkpoint")
     p.add_argument("--weight-encoding", default="float32", choices=list(REPLY_ENCODINGS))
+    _add_plugin(p)
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("devices", help="run a fleet of devices through their test sessions against a cloud")
@@ -635,6 +643,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deadline", type=float, default=2.0, help="seconds to wait for weights before falling back")
     _add_torch_threads(p)
     _add_security_args(p)
+    _add_plugin(p)
     p.set_defaults(func=cmd_devices)
     return parser
 
@@ -657,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
     try:
+        _load_plugins(getattr(args, "plugin", None))
         return args.func(args)
     except DuetError as exc:
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)

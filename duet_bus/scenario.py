@@ -258,7 +258,7 @@ def _check(value: Any, kind: str, limits: dict) -> Any:
         if not isinstance(value, str) or not value.strip():
             return _Problem("must be a non-empty string")
         if "choices" in limits and value not in limits["choices"]:
-            return _Problem(f"must be one of {', '.join(limits['choices'])}")
+            return _Problem(f"must be one of {', '.join(limits['choices'])}{limits.get('note', '')}")
         return value
     if kind == "bool":
         return value if isinstance(value, bool) else _Problem("must be true or false")
@@ -448,7 +448,8 @@ def parse_scenario(doc: Any, source: str = "<scenario>") -> Scenario:
     scenario = dict(
         name=name, seed=seed, seeds=seeds,
         task=task.name, dataset=dataset, data_path=data_path, prep=prep,
-        backbone=r.get(model, "model", "backbone", "str", task.scenario_model["backbone"], choices=task.backbones),
+        backbone=r.get(model, "model", "backbone", "str", task.scenario_model["backbone"], choices=task.backbones,
+                       note=task.backbone_note),
         checkpoints={k: v for k, v in checkpoints.items() if isinstance(v, str)},
         epochs=r.get(model, "model", "epochs", "int", task.scenario_model["epochs"], min=1),
         batch_size=r.get(model, "model", "batch_size", "int", task.scenario_model["batch_size"], min=1),
@@ -518,7 +519,8 @@ def _read_shift(r: _Reader, doc: Any, path: str) -> ShiftSpec | None:
     if not isinstance(doc, dict):
         r.fail(path, f"must be a mapping with kind and at, got {_show(doc)}")
         return None
-    kind = r.get(doc, path, "kind", "str", choices=tuple(SHIFTS))
+    kind = r.get(doc, path, "kind", "str", choices=tuple(SHIFTS),
+                 note=" (a shift of your own: register it in a module given with --plugin)")
     known = ("kind", "at", "fraction", "devices") + (tuple(SHIFTS[kind].PARAMS) if kind in SHIFTS else ())
     r.section(doc, path, known)
     at = r.get(doc, path, "at", "duration")

@@ -1,4 +1,4 @@
-"""The static layers: three recommendation backbones.
+"""The static layers: three recommendation backbones, and the registry that names them.
 
 Each backbone turns a click history and candidate targets into the input of
 the dynamic layers, and the dynamic layers' output into one logit per target.
@@ -11,6 +11,13 @@ padding is masked everywhere.
 ``summarize`` is the shared encoder body that the generator (PPG) puts in
 front of its neck: it encodes the device's real-time clicks with the same
 embeddings the backbone learns.
+
+A backbone of your own: subclass `Backbone`, implement what its docstring
+lists, and name it with `@register_backbone("name")` in a module given to
+the commands with ``--plugin`` (``model.backbone: name`` in a scenario,
+``--backbone name`` for `duet evaluate` and `duet train`). Its checkpoints
+record the name, so `duet cloud`, `duet devices` and `duet info` take the
+same ``--plugin``.
 """
 
 from __future__ import annotations
@@ -20,7 +27,18 @@ from torch import Tensor, nn
 
 from duet_bus.errors import ConfigError
 
-BACKBONES = ("din", "sasrec", "gru4rec")
+#: The recommendation backbones by name, in the order they are listed (`register_backbone` adds to it).
+BACKBONES: dict[str, type["Backbone"]] = {}
+
+
+def register_backbone(name: str):
+    """Class decorator: make a `Backbone` subclass the recommendation backbone ``name``."""
+    def add(cls: type[Backbone]) -> type[Backbone]:
+        if not (isinstance(cls, type) and issubclass(cls, Backbone)):
+            raise TypeError(f"register_backbone({name!r}): {cls!r} is not a Backbone subclass")
+        BACKBONES[name] = cls
+        return cls
+    return add
 
 
 def _last_valid(states: Tensor, lengths: Tensor) -> Tensor:
@@ -36,7 +54,13 @@ def _masked_mean(emb: Tensor, lengths: Tensor) -> Tensor:
 
 
 class Backbone(nn.Module):
-    """Interface of the static layers (see the module docstring)."""
+    """Interface of the static layers (see the module docstring).
+
+    A subclass is built as ``cls(n_items, history_len=L, dim=d, dropout=p)`` and sets `dynamic_shapes`; it
+    implements `features`, `readout` and `summarize` (and `target_side`, if its readout has a static part
+    worth computing once per target). Histories and real-time clicks are ``(B, L)`` item ids, left-aligned
+    and zero-padded, with their lengths; targets are ``(B, K)`` item ids.
+    """
 
     #: (in, out) of each dynamic layer, ReLU between them, none after the last.
     dynamic_shapes: tuple[tuple[int, int], ...]
@@ -181,8 +205,11 @@ class DIN(Backbone):
         return _masked_mean(self.item_emb(realtime), realtime_len)
 
 
+BACKBONES.update(din=DIN, sasrec=SASRec, gru4rec=GRU4Rec)  # the built-in ones, in the order tables list them
+
+
 def make_backbone(name: str, n_items: int, history_len: int, dim: int = 32, dropout: float = 0.1) -> Backbone:
-    classes = {"din": DIN, "sasrec": SASRec, "gru4rec": GRU4Rec}
-    if name not in classes:
-        raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return classes[name](n_items, history_len=history_len, dim=dim, dropout=dropout)
+    if name not in BACKBONES:
+        raise ConfigError(f"model.backbone: unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (a "
+                          f"backbone of your own: register it in a module given with --plugin)")
+    return BACKBONES[name](n_items, history_len=history_len, dim=dim, dropout=dropout)

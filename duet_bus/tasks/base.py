@@ -49,6 +49,7 @@ class Task:
     name: ClassVar[str]
     datasets: ClassVar[tuple[str, ...]]
     backbones: ClassVar[tuple[str, ...]]
+    backbone_note: ClassVar[str] = ""  # said after the list of backbones when one is not among them
     default_backbone: ClassVar[str]
     metrics: ClassVar[tuple[str, ...]]  # what every method reports, as <metric>_mean / <metric>_std
     primary: ClassVar[str]  # the metric tables lead with and training selects on
@@ -70,7 +71,7 @@ class Task:
         """Raise `ConfigError` for what this task cannot run."""
         if config.backbone not in self.backbones:
             raise ConfigError(f"backbone: {config.backbone!r} is not a backbone of the {self.name} task; choose one of "
-                              f"{', '.join(self.backbones)}")
+                              f"{', '.join(self.backbones)}{self.backbone_note}")
 
     def run_seed(self, config: "EvalConfig", seed: int, progress: "Progress") -> SeedResult:
         """Prepare the data, train what the methods need (``finetune`` starts from base) and score

@@ -27,7 +27,7 @@ from duet_bus.finetune import FinetuneConfig, finetune_classifier
 from duet_bus.data.streams import DeviceStream, offline_test_sessions
 from duet_bus.errors import ConfigError
 from duet_bus.metrics import auc, ranking_metrics, session_ranking_metrics
-from duet_bus.models import ModelConfig, PPGConfig, RecModel, build_model
+from duet_bus.models import BACKBONES, ModelConfig, PPGConfig, RecModel, build_model
 from duet_bus.protocol import ModelSpec
 from duet_bus.tasks.base import Task, generators, register_task
 from duet_bus.data.sessions import SessionConfig
@@ -97,11 +97,15 @@ def device_cost(model: RecModel, prepared: Prepared) -> dict[str, int]:
 class Recommendation(Task):
     name = "recommendation"
     datasets = ("ml-100k", "ml-1m")
-    backbones = ("din", "sasrec", "gru4rec")
+    backbone_note = " (a backbone of your own: register it in a module given with --plugin)"
     default_backbone = "sasrec"
     metrics = ("auc", "gauc", "ndcg10", "hr10", "logloss")
     primary = "auc"
     higher_is_better = {"auc": True, "gauc": True, "ndcg10": True, "hr10": True, "logloss": False}
+
+    @property
+    def backbones(self) -> tuple[str, ...]:  # the built-in ones and those plugins registered (`register_backbone`)
+        return tuple(BACKBONES)
 
     def default_prep(self) -> PrepConfig:
         return PrepConfig()

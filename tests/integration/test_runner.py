@@ -337,6 +337,70 @@ def test_a_plugin_shift_runs_in_one_process_and_in_shards(scenario_file, tmp_pat
         sys.modules.pop("tiny_plugin_shift", None)
 
 
+PLUGIN_BACKBONE = """
+import torch
+
+from duet_bus.models import Backbone, register_backbone
+
+
+@register_backbone("meanpool")
+class MeanPool(Backbone):
+    \"\"\"The mean of the history's embeddings; a target scores the dot product of the user head with its embedding.\"\"\"
+
+    def __init__(self, n_items, history_len, dim, dropout):
+        super().__init__(n_items, history_len, dim, dropout)
+        self.dynamic_shapes = ((dim, dim),)
+
+    def summarize(self, clicks, lengths):
+        mask = (clicks != 0).unsqueeze(-1)
+        return (self.item_emb(clicks) * mask).sum(1) / lengths.clamp(min=1).unsqueeze(-1)
+
+    def features(self, history, history_len, targets):
+        return self.dropout(self.summarize(history, history_len))
+
+    def readout(self, out, targets, side=None):
+        return torch.einsum("bd,bkd->bk", out, self.item_emb(targets))
+"""
+
+
+def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_path, monkeypatch, capsys):
+    """A recommendation backbone of a user's own module (`register_backbone`), given with --plugin: `duet train`
+    and `duet evaluate` train it, its checkpoint names it (so `duet info` without the plugin says what is
+    missing), and a scenario runs it through the bus, in one process and in 2 shards alike."""
+    import sys
+
+    from duet_bus.cli import main
+    from duet_bus.models import BACKBONES
+
+    (tmp_path / "tiny_plugin_backbone.py").write_text(PLUGIN_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the shard processes import it too
+    doc = yaml.safe_load(scenario_file.read_text())
+    data = ["--data-path", doc["data"]["path"], "--history-len", "5", "--eval-negatives", "20", "--epochs", "1"]
+    plugin = ["--plugin", "tiny_plugin_backbone"]
+    runs = Path(doc["output"]).parent  # beside the scenario's output: the checkpoints cached for both runs
+    try:
+        assert main(["train", *plugin, *data, "--backbone", "meanpool", "--out", str(tmp_path / "m.pt")]) == 0
+        BACKBONES.pop("meanpool")
+        sys.modules.pop("tiny_plugin_backbone")
+        assert main(["info", str(tmp_path / "m.pt")]) == 2
+        assert "unknown backbone 'meanpool'" in capsys.readouterr().err
+        assert main(["info", *plugin, str(tmp_path / "m.pt")]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["backbone"] == "meanpool" and info["layer_shapes"] == [[32, 32]]
+        assert main(["evaluate", *plugin, *data, "--backbone", "meanpool", "--seeds", "1", "--methods",
+                     "base,duet", "--out", str(tmp_path / "e.json")]) == 0
+        assert set(json.loads((tmp_path / "e.json").read_text())["methods"]) == {"base", "duet"}
+        for label, more in (("meanpool-one", []), ("meanpool-two", ["--shards", "2"])):
+            assert main(["run", str(scenario_file), *plugin, "--output", str(runs / label), "--no-dashboard",
+                         "--set", "bus.kind=memory", "--set", "model.backbone=meanpool", *more]) == 0
+        one, _ = _same_run_over_two_shards(runs / "meanpool-one", runs / "meanpool-two")
+        assert one["run"]["over_the_bus"]["answered"] == one["run"]["over_the_bus"]["started"] > 0
+    finally:
+        BACKBONES.pop("meanpool", None)
+        sys.modules.pop("tiny_plugin_backbone", None)
+
+
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
     """The in-process shards of `duet run --shards 2` (`_memory_sharded`, ``--set`` each of ``settings``) with
     shard 0 SIGKILLed once both are under way: the run must end with an error naming that exit code. The
