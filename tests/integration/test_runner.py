@@ -404,7 +404,9 @@ def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_p
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
     """The in-process shards of `duet run --shards 2` (`_memory_sharded`, ``--set`` each of ``settings``) with
     shard 0 SIGKILLed once both are under way: the run must end with an error naming that exit code. The
-    shards' records files (shard 0's never written)."""
+    shards' records files (shard 0's never written). ``settings`` must make the run long enough (the tiny
+    scenario's 16 devices are done within a second of their first progress line, and a shard done before the
+    kill has written its file: a failure seen once)."""
     import asyncio
     import os
     import signal
@@ -438,7 +440,7 @@ def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str
 def test_a_shard_killed_mid_run_stops_the_run_and_its_other_shards(scenario_file, tmp_path):
     """SIGKILL one in-process shard mid-run: the run ends with an error naming its exit code, and the other
     shard is stopped and reaped, not left running or waited for."""
-    run_killing_shard_0(scenario_file, tmp_path, "killed")
+    run_killing_shard_0(scenario_file, tmp_path, "killed", ("devices.count=2000",))
     assert shard_processes(str(tmp_path)) == {}  # both gone: the one killed, the one stopped after it
 
 
