@@ -22,8 +22,9 @@ err_console = Console(stderr=True, soft_wrap=True)
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "fashion-mnist", "ck+"],
-                   help="ml-100k / ml-1m: recommendation; fashion-mnist, ck+ (by --data-path): image classification")
+    p.add_argument("--dataset", default="ml-100k", choices=["ml-100k", "ml-1m", "csv", "fashion-mnist", "ck+"],
+                   help="ml-100k / ml-1m / csv (a click log of your own: columns user, item, timestamp; by "
+                        "--data-path): recommendation; fashion-mnist, ck+ (by --data-path): image classification")
     p.add_argument("--data-path", help="GroupLens u.data / ratings.dat (or its folder; ML-100k is bundled), the "
                                        "folder of the four Fashion-MNIST idx files, or CK+'s folder")
     p.add_argument("--backbone", help="din, sasrec (default), gru4rec or one a --plugin registers; "

@@ -25,6 +25,7 @@ from duet_bus.tasks import TASKS, task_for
 
 DATASETS = tuple(d for task in TASKS.values() for d in task.datasets)
 NOT_BUNDLED = {"ml-1m": "give the path of its ratings.dat",
+               "csv": "give the path of your click log (a CSV file with columns user, item, timestamp)",
                "ck+": "its licence forbids shipping it; give the folder with cohn-kanade-images/ and Emotion/"}
 _METHOD = re.compile(r"^(base|finetune|duet_no_swa|duet|duet_np([1-9][0-9]?))$")
 

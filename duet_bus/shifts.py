@@ -112,6 +112,9 @@ class InterestDrift(Shift):
         known = np.concatenate([prepared.timeline(u)[: prepared.known[u]] for u in range(prepared.n_users)])
         self.popularity = np.bincount(known, minlength=prepared.n_items + 1).astype(np.float64)
         counts = Counter(g for item, gs in prepared.genres.items() for g in gs if g != "unknown")
+        if not counts:  # a drift towards genres needs them (a u.data without its u.item, a log without genres)
+            raise ConfigError(f"shifts: interest_drift needs item genres, and these {prepared.name} items have none "
+                              f"(MovieLens: its item file beside the ratings; a CSV log: a genres column)")
         self.common = [g for g, _ in counts.most_common(8)]
         wanted = params.get("genres")
         if wanted:

@@ -2,6 +2,7 @@
 
 - `movielens`: read interaction files (the ML-100k copy in the recbole wheel,
   GroupLens `u.data` / `ratings.dat` from a path).
+- `clicklog`: a click log of one's own, as CSV (the ``csv`` dataset).
 - `prep`: re-index, per-user timelines, train/validation/test splits and
   negative sampling.
 - `sessions`: cut a user's timeline into sessions.

@@ -1,4 +1,4 @@
-"""Read MovieLens interaction files.
+"""Read MovieLens interaction files (and, through `clicklog`, a CSV log of one's own).
 
 Three formats, one result (`Interactions`):
 
@@ -60,12 +60,21 @@ def bundled_ml100k_dir() -> Path:
 
 
 def load_dataset(name: str, path: str | Path | None = None) -> Interactions:
-    """Load ``ml-100k`` (bundled, or from ``path``) or ``ml-1m`` (``path`` required).
+    """Load ``ml-100k`` (bundled, or from ``path``), ``ml-1m`` (``path`` required) or ``csv``, a click log of
+    one's own (``path`` required; `clicklog`).
 
-    ``path`` may be the interaction file itself or the folder holding it.
+    ``path`` may be the interaction file itself or the folder holding it (MovieLens).
     """
+    if name == "csv":
+        from duet_bus.data.clicklog import read_click_log
+
+        if path is None:
+            raise DataError("dataset csv: give the path of the CSV file (columns user, item, timestamp)")
+        if not Path(path).is_file():
+            raise DataError(f"{path}: no such file")
+        return read_click_log(Path(path))
     if name not in ("ml-100k", "ml-1m"):
-        raise DataError(f"dataset: unknown dataset {name!r}; choose ml-100k or ml-1m")
+        raise DataError(f"dataset: unknown dataset {name!r}; choose ml-100k, ml-1m or csv")
     if path is None:
         if name == "ml-1m":
             raise DataError("dataset ml-1m: give the path to ratings.dat (GroupLens ml-1m); it is not bundled")

@@ -96,7 +96,7 @@ def device_cost(model: RecModel, prepared: Prepared) -> dict[str, int]:
 @register_task
 class Recommendation(Task):
     name = "recommendation"
-    datasets = ("ml-100k", "ml-1m")
+    datasets = ("ml-100k", "ml-1m", "csv")
     backbone_note = " (a backbone of your own: register it in a module given with --plugin)"
     default_backbone = "sasrec"
     metrics = ("auc", "gauc", "ndcg10", "hr10", "logloss")

@@ -116,3 +116,76 @@ def test_the_dense_seen_table_answers_as_the_binary_search(tiny, monkeypatch):
     monkeypatch.setattr(prep_module, "SEEN_TABLE_MAX", 0)
     np.testing.assert_array_equal(table, tiny._seen(keys))
     assert table[:50].all() and not table.all()
+
+
+# -- a click log of one's own: the csv dataset ------------------------------------------------------------
+
+
+def _csv_of(udata, path, genres=None):
+    """``udata`` as a CSV click log, columns shuffled and one extra (rating) the reader ignores."""
+    rows = ["timestamp,rating,item,user" + (",genres" if genres else "")]
+    for line in udata.read_text().splitlines():
+        user, item, rating, t = line.split("\t")
+        rows.append(f"{t},{rating},{item},{user}" + (f",{genres.get(int(item), '')}" if genres else ""))
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_a_csv_click_log_gives_the_interactions_of_the_same_data(tmp_path, udata):
+    """The same events as u.data, as a CSV log: the same interactions, so the same prepared data, splits and
+    negatives; genres from its genres column."""
+    a = load_dataset("ml-100k", udata)
+    b = load_dataset("csv", _csv_of(udata, tmp_path / "clicks.csv", {3: "Drama|Comedy", 4: ""}))
+    assert b.name == "csv" and b.source == "clicks.csv"
+    for field in ("user", "item", "timestamp"):
+        assert np.array_equal(getattr(a, field), getattr(b, field)), field
+    assert b.genres == {3: ("Drama", "Comedy")}
+    config = PrepConfig(history_len=5, eval_negatives=20)
+    pa, pb = prepare(a, config, seed=1), prepare(b, config, seed=1)
+    assert np.array_equal(pa.items, pb.items) and np.array_equal(pa.eval_negatives["test"], pb.eval_negatives["test"])
+
+
+def test_a_csv_click_log_with_names_dates_and_short_users(tmp_path):
+    """Ids that are not integers are numbered in order of first appearance; ISO 8601 times (UTC without a zone)
+    and decimal seconds are read; users with fewer than 3 events are left out, and the source says how many."""
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,timestamp\n"
+                   "alice,sku-9,2024-05-01T12:00:00\n"
+                   "alice,sku-2,2024-05-01T12:00:30+00:00\n"
+                   "bob,sku-2,1714564800.5\n"
+                   "alice,sku-9,1714564900\n"
+                   "\n"
+                   "bob,sku-3,1714564801\n")
+    data = load_dataset("csv", log)
+    assert data.user.tolist() == [1, 1, 1]  # alice; bob has 2 events
+    assert data.item.tolist() == [1, 2, 1]  # sku-9, sku-2 (bob's sku-3 left out with him)
+    assert data.timestamp.tolist() == [1714564800, 1714564830, 1714564900]
+    assert data.source == "log.csv (1 of 2 users, with fewer than 3 interactions, left out)"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", r"log\.csv: empty file; expected a header line naming user, item, timestamp"),
+    ("user,item,time\n1,2,3\n", r"log\.csv: the header names no timestamp column \(it has 'user', 'item', 'time'"),
+    ("user,item,timestamp\n", r"log\.csv: no interactions after the header"),
+    ("user,item,timestamp\n1,2,3\n1,2,yesterday\n", r"log\.csv:3: timestamp 'yesterday' is neither seconds nor"),
+    ("user,item,timestamp\n1,2,3\n1,,4\n", r"log\.csv:3: no item"),
+    ("user,item,timestamp\n1,2,3\n1,2\n", r"log\.csv:3: 2 fields, the header names 3"),
+    ("user,item,timestamp\n1,2,inf\n", r"log\.csv:2: timestamp 'inf' is neither"),
+    ("user,item,timestamp\n1,2,3\n2,2,3\n", r"log\.csv: no user has 3 interactions"),
+])
+def test_a_bad_csv_click_log_names_the_file_line_and_what_is_wrong(tmp_path, text, message):
+    log = tmp_path / "log.csv"
+    log.write_text(text)
+    with pytest.raises(DataError, match=message):
+        load_dataset("csv", log)
+
+
+def test_a_csv_click_log_that_is_not_text_or_not_given(tmp_path):
+    log = tmp_path / "log.csv"
+    log.write_bytes(b"user,item,timestamp\n1,2,\xff\xfe\n")
+    with pytest.raises(DataError, match=r"log\.csv: not UTF-8 text"):
+        load_dataset("csv", log)
+    with pytest.raises(DataError, match="dataset csv: give the path of the CSV file"):
+        load_dataset("csv")
+    with pytest.raises(DataError, match="no such file"):
+        load_dataset("csv", tmp_path / "missing.csv")

@@ -58,6 +58,20 @@ def test_cli_evaluate_writes_json_and_reports_bad_paths(udata, tmp_path, capsys)
     assert "--generator-hidden: must be a positive integer, got 0" in capsys.readouterr().err
 
 
+def test_cli_evaluate_on_a_csv_click_log(udata, tmp_path, capsys):
+    """`duet evaluate --dataset csv`: a click log of one's own, evaluated as MovieLens is; its source (with the
+    users left out) in the document."""
+    log = tmp_path / "clicks.csv"
+    rows = [line.split("\t") for line in udata.read_text().splitlines()]
+    log.write_text("user,item,timestamp\n" + "".join(f"u{u},i{i},{t}\n" for u, i, _, t in rows) + "late,i1,1\n")
+    out = tmp_path / "e.json"
+    assert main(["evaluate", "--dataset", "csv", "--data-path", str(log), "--seeds", "1", "--epochs", "1",
+                 "--history-len", "5", "--eval-negatives", "20", "--methods", "base,duet", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["dataset"] == "csv" and set(doc["methods"]) == {"base", "duet"}
+    assert doc["source"] == "clicks.csv (1 of 25 users, with fewer than 3 interactions, left out)"
+
+
 def test_flops_count_the_transformer_layer(tiny):
     from duet_bus.tasks.recommendation import device_cost
     from duet_bus.models import build_model

@@ -177,3 +177,21 @@ def test_set_overrides_settings_of_the_file(tmp_path):
         load_scenario(path, ["name.x=1"])
     with pytest.raises(ConfigError, match="model.backbone: must be one of"):
         load_scenario(path, ["model.backbone=resnet"])  # the value is checked like the file's own
+
+
+def test_a_scenario_on_a_csv_click_log(tmp_path, udata):
+    """`data: {dataset: csv, path: ...}`: a log of one's own streams like MovieLens; without a path it is one
+    problem among the others; an interest drift on a log without genres is refused before anything trains."""
+    from duet_bus.runner import prepare_data
+
+    log = tmp_path / "clicks.csv"
+    log.write_text("user,item,timestamp\n" + "".join(
+        f"{u},{i},{t}\n" for u, i, _, t in (line.split("\t") for line in udata.read_text().splitlines())))
+    assert any("data.path: csv is not bundled: give the path of your click log" in p
+               for p in problems(minimal(data={"dataset": "csv"})))
+    data = {"dataset": "csv", "path": str(log), "history_len": 5, "eval_negatives": 20}
+    prepared = prepare_data(parse_scenario(minimal(data=data, devices={"count": 8})))
+    assert prepared.name == "csv" and prepared.n_users == 24
+    drift = parse_scenario(minimal(data=data, shifts=[{"kind": "interest_drift", "at": "30m"}]))
+    with pytest.raises(ConfigError, match="shifts: interest_drift needs item genres, and these csv items have none"):
+        prepare_data(drift)
