@@ -342,18 +342,35 @@ def cmd_devices(args: argparse.Namespace) -> int:
 
 
 def _add_plugin(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--plugin", action="append",
-                   help="import this module first: one that registers shifts or backbones (repeatable)")
+    p.add_argument("--plugin", action="append", metavar="MODULE|FILE.py",
+                   help="import this module (or Python file) first: one that registers shifts or backbones, "
+                        "e.g. examples/meanpool.py (repeatable)")
 
 
-def _load_plugins(modules: list[str] | None) -> None:
+def _load_plugins(plugins: list[str] | None) -> None:
+    """Import each ``--plugin``: a module name, or the path of a Python file (imported as a module named after
+    the file)."""
     import importlib
+    import importlib.util
 
-    for name in modules or []:
+    for plugin in plugins or []:
+        if not plugin.endswith(".py"):
+            try:
+                importlib.import_module(plugin)
+            except ImportError as exc:
+                raise DuetError(f"--plugin {plugin}: cannot import it ({exc})") from exc
+            continue
+        path = Path(plugin)
+        if not path.is_file():
+            raise DuetError(f"--plugin {plugin}: no such file")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[path.stem] = module  # as an imported module is: its classes' pickles and dataclasses find it
         try:
-            importlib.import_module(name)
+            spec.loader.exec_module(module)
         except ImportError as exc:
-            raise DuetError(f"--plugin {name}: cannot import it ({exc})") from exc
+            del sys.modules[path.stem]
+            raise DuetError(f"--plugin {plugin}: cannot import it ({exc})") from exc
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

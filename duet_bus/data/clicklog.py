@@ -33,7 +33,7 @@ from duet_bus.errors import DataError
 COLUMNS = ("user", "item", "timestamp")
 
 
-def read_click_log(path: Path, name: str = "csv") -> Interactions:
+def read_click_log(path: Path) -> Interactions:
     """The interactions of a CSV click log (see the module docstring); `DataError` naming the file, line and
     column of the first value that cannot be read."""
     from duet_bus.data.prep import MIN_INTERACTIONS
@@ -54,7 +54,7 @@ def read_click_log(path: Path, name: str = "csv") -> Interactions:
                             f"need one each)")
         user, item, times = user[keep], item[keep], times[keep]
         source += f" ({len(short)} of {len(ids)} users, with fewer than {MIN_INTERACTIONS} interactions, left out)"
-    return Interactions(name, user, item, times, by_item, source=source)
+    return Interactions("csv", user, item, times, by_item, source=source)
 
 
 def _read(path: Path) -> tuple[list[str], list[str], np.ndarray, list[str] | None]:

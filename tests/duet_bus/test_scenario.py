@@ -195,3 +195,13 @@ def test_a_scenario_on_a_csv_click_log(tmp_path, udata):
     drift = parse_scenario(minimal(data=data, shifts=[{"kind": "interest_drift", "at": "30m"}]))
     with pytest.raises(ConfigError, match="shifts: interest_drift needs item genres, and these csv items have none"):
         prepare_data(drift)
+
+
+def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, capsys):
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    for plugin, message in ((str(tmp_path / "missing.py"), "missing.py: no such file"),
+                            (str(tmp_path / "broken.py"), "broken.py: cannot import it (No module named "
+                                                          "'no_such_module_here')"),
+                            ("no_such_plugin", "--plugin no_such_plugin: cannot import it")):
+        assert main(["validate", str(SCENARIOS[0]), "--plugin", plugin]) == 2
+        assert message in capsys.readouterr().err

@@ -63,6 +63,29 @@ def test_interest_drift_moves_clicks_to_the_target_genre(held):
     assert not (session.samples.targets[:, 1:] == clicked[:, None]).any()  # a drifted click is never its own negative
 
 
+def test_the_example_plugin_shift_taps_random_items(held):
+    """`examples/accidental_taps.py`: at rate 1 every click of the next session is a random item, drawn from the
+    device's own generator (the same taps for the same draws); invalid rates are refused by name."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("accidental_taps",
+                                                  Path(__file__).parents[2] / "examples" / "accidental_taps.py")
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+        taps = SHIFTS["accidental_taps"]
+        assert taps.check("rate", 0) == taps.check("rate", True) == "must be a number in (0, 1]"
+        plain, tapped, again = (DeviceStream(0, held, 0, negatives=20) for _ in range(3))
+        for device in (tapped, again):
+            taps(held, {"rate": 1.0}).apply(device, np.random.default_rng(0))
+        sessions = [d.next_session(np.random.default_rng(1)).samples.targets[:, 0] for d in (plain, tapped, again)]
+        assert not np.array_equal(sessions[0], sessions[1]) and np.array_equal(sessions[1], sessions[2])
+        assert ((sessions[1] >= 1) & (sessions[1] <= held.n_items)).all()
+    finally:
+        SHIFTS.pop("accidental_taps", None)
+
+
 def test_drift_to_an_unknown_genre_is_a_config_error(held):
     with pytest.raises(ConfigError, match="'Space Opera' is not a genre"):
         SHIFTS["interest_drift"](held, {"strength": 0.5, "genres": ["Space Opera"]})

@@ -307,85 +307,57 @@ def test_two_in_process_shards_give_the_one_process_run(scenario_file, capsys, m
         assert f"shard {k}/2: virtual   3.00 h" in printed and f"\nshard {k}/2 of run" in printed, printed
 
 
-def test_a_plugin_shift_runs_in_one_process_and_in_shards(scenario_file, tmp_path, monkeypatch):
-    """`duet run --plugin M` with a shift that module registers: the run shifts its devices with it, and so do
-    the shards of `--shards 2`, the same devices with the same sessions and metrics as one process. (Before,
-    the shards were not given the plugin and each failed on the scenario's unknown shift kind.)"""
+EXAMPLES = Path(__file__).parents[2] / "examples"
+
+
+def test_a_plugin_shift_runs_in_one_process_and_in_shards(scenario_file):
+    """`duet run --plugin examples/accidental_taps.py` with that shift in the scenario: the run shifts its
+    devices with it, and so do the shards of `--shards 2`, the same devices with the same sessions and
+    metrics as one process. (Before, the shards were not given the plugin and each failed on the scenario's
+    unknown shift kind.)"""
     import sys
 
     from duet_bus.cli import main
     from duet_bus.shifts import SHIFTS
 
-    (tmp_path / "tiny_plugin_shift.py").write_text(
-        "from duet_bus.shifts import Handover, register_shift\n\n\n"
-        "@register_shift\nclass PluginHandover(Handover):\n    KIND = 'plugin_handover'\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the shard processes import it too
     doc = yaml.safe_load(scenario_file.read_text())
-    doc["shifts"][0]["kind"] = "plugin_handover"
-    path = tmp_path / "plugin.yaml"
+    doc["shifts"][0].update(kind="accidental_taps", rate=0.5)
+    path = scenario_file.with_name("taps.yaml")
     path.write_text(yaml.safe_dump(doc))
     runs = Path(doc["output"]).parent  # beside the scenario's output: the checkpoints cached
     try:
-        for label, more in (("plugin-one", []), ("plugin-two", ["--shards", "2"])):
-            assert main(["run", str(path), "--plugin", "tiny_plugin_shift", "--output", str(runs / label),
-                         "--no-dashboard", "--set", "bus.kind=memory", *more]) == 0
-        one, _ = _same_run_over_two_shards(runs / "plugin-one", runs / "plugin-two")
-        assert [s["kind"] for s in one["shifts"]] == ["plugin_handover"] and one["shifts"][0]["devices"]
+        for label, more in (("taps-one", []), ("taps-two", ["--shards", "2"])):
+            assert main(["run", str(path), "--plugin", str(EXAMPLES / "accidental_taps.py"), "--output",
+                         str(runs / label), "--no-dashboard", "--set", "bus.kind=memory", *more]) == 0
+        one, _ = _same_run_over_two_shards(runs / "taps-one", runs / "taps-two")
+        assert [s["kind"] for s in one["shifts"]] == ["accidental_taps"] and one["shifts"][0]["devices"]
     finally:
-        SHIFTS.pop("plugin_handover", None)
-        sys.modules.pop("tiny_plugin_shift", None)
-
-
-PLUGIN_BACKBONE = """
-import torch
-
-from duet_bus.models import Backbone, register_backbone
-
-
-@register_backbone("meanpool")
-class MeanPool(Backbone):
-    \"\"\"The mean of the history's embeddings; a target scores the dot product of the user head with its embedding.\"\"\"
-
-    def __init__(self, n_items, history_len, dim, dropout):
-        super().__init__(n_items, history_len, dim, dropout)
-        self.dynamic_shapes = ((dim, dim),)
-
-    def summarize(self, clicks, lengths):
-        mask = (clicks != 0).unsqueeze(-1)
-        return (self.item_emb(clicks) * mask).sum(1) / lengths.clamp(min=1).unsqueeze(-1)
-
-    def features(self, history, history_len, targets):
-        return self.dropout(self.summarize(history, history_len))
-
-    def readout(self, out, targets, side=None):
-        return torch.einsum("bd,bkd->bk", out, self.item_emb(targets))
-"""
+        SHIFTS.pop("accidental_taps", None)
+        sys.modules.pop("accidental_taps", None)
 
 
 def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_path, monkeypatch, capsys):
-    """A recommendation backbone of a user's own module (`register_backbone`), given with --plugin: `duet train`
-    and `duet evaluate` train it, its checkpoint names it (so `duet info` without the plugin says what is
-    missing), and a scenario runs it through the bus, in one process and in 2 shards alike."""
+    """A recommendation backbone of one's own (`examples/meanpool.py`: `register_backbone`), given with --plugin
+    as a file: `duet train` and `duet evaluate` train it, its checkpoint names it (so `duet info` without the
+    plugin says what is missing), and a scenario runs it through the bus, in one process and in 2 shards
+    alike. The same module given by name (on the path) does the same."""
     import sys
 
     from duet_bus.cli import main
     from duet_bus.models import BACKBONES
 
-    (tmp_path / "tiny_plugin_backbone.py").write_text(PLUGIN_BACKBONE)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", str(tmp_path))  # the shard processes import it too
     doc = yaml.safe_load(scenario_file.read_text())
     data = ["--data-path", doc["data"]["path"], "--history-len", "5", "--eval-negatives", "20", "--epochs", "1"]
-    plugin = ["--plugin", "tiny_plugin_backbone"]
+    plugin = ["--plugin", str(EXAMPLES / "meanpool.py")]
     runs = Path(doc["output"]).parent  # beside the scenario's output: the checkpoints cached for both runs
     try:
         assert main(["train", *plugin, *data, "--backbone", "meanpool", "--out", str(tmp_path / "m.pt")]) == 0
         BACKBONES.pop("meanpool")
-        sys.modules.pop("tiny_plugin_backbone")
+        sys.modules.pop("meanpool")
         assert main(["info", str(tmp_path / "m.pt")]) == 2
         assert "unknown backbone 'meanpool'" in capsys.readouterr().err
-        assert main(["info", *plugin, str(tmp_path / "m.pt")]) == 0
+        monkeypatch.syspath_prepend(str(EXAMPLES))  # by module name
+        assert main(["info", "--plugin", "meanpool", str(tmp_path / "m.pt")]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["backbone"] == "meanpool" and info["layer_shapes"] == [[32, 32]]
         assert main(["evaluate", *plugin, *data, "--backbone", "meanpool", "--seeds", "1", "--methods",
@@ -398,7 +370,7 @@ def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_p
         assert one["run"]["over_the_bus"]["answered"] == one["run"]["over_the_bus"]["started"] > 0
     finally:
         BACKBONES.pop("meanpool", None)
-        sys.modules.pop("tiny_plugin_backbone", None)
+        sys.modules.pop("meanpool", None)
 
 
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
