@@ -560,6 +560,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from duet_bus.compare import compare_runs, compare_table
+
+    doc = compare_runs(Path(args.a), Path(args.b))
+    console.print(compare_table(doc))
+    if args.out:
+        Path(args.out).write_text(json.dumps(doc, indent=2))
+        console.print(f"comparison: {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from duet_bus.protocol import REPLY_ENCODINGS, UPLOADS
 
@@ -599,6 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "curves of a `duet evaluate --out` document")
     p.add_argument("run_dir", help="a run folder, or a results JSON of `duet evaluate`")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("compare", help="two runs of one scenario, session by session: what a setting changed "
+                                       "(accuracy paired per session, delays side by side)")
+    p.add_argument("a", help="a run folder (`duet run`'s output)")
+    p.add_argument("b", help="another run folder of the same scenario and seed, one setting changed")
+    p.add_argument("--out", help="write the comparison (JSON) here")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("evaluate", help="compare base, finetune, duet_no_swa and duet offline (Tables 1, 2, 4)")
     _add_data_args(p)

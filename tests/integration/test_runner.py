@@ -373,6 +373,45 @@ def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_p
         sys.modules.pop("meanpool", None)
 
 
+def test_compare_pairs_two_runs_session_by_session(scenario_file, tmp_path, capsys):
+    """`duet compare A B`: two runs of the tiny scenario, float32 against int8 replies. The only setting that
+    differs is named; every session pairs up; the device-side methods (no reply) score every session the same,
+    the cloud's methods within the int8 rounding. Runs that share no session, and a run over seeds, are
+    refused with what is wrong."""
+    import shutil
+
+    from duet_bus.cli import main
+
+    runs = Path(yaml.safe_load(scenario_file.read_text())["output"]).parent  # the checkpoints cached
+    for label, encoding in (("cmp-float32", "float32"), ("cmp-int8", "int8")):
+        assert main(["run", str(scenario_file), "--output", str(runs / label), "--no-dashboard", "--set",
+                     "bus.kind=memory", "--set", f"cloud.weight_encoding={encoding}"]) == 0
+    capsys.readouterr()
+    out = tmp_path / "compare.json"
+    assert main(["compare", str(runs / "cmp-float32"), str(runs / "cmp-int8"), "--out", str(out)]) == 0
+    assert "Settings that differ: weight_encoding: 'float32' -> 'int8'" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["differences"] == ["weight_encoding: 'float32' -> 'int8'"] and doc["only_a"] == doc["only_b"] == 0
+    sessions = {m: r["sessions"] for m, r in doc["methods"].items()}
+    assert set(sessions) == {"base", "finetune", "duet_no_swa", "duet"} and len(set(sessions.values())) == 1
+    for method in ("base", "finetune"):
+        assert doc["methods"][method]["changed"] == 0 and doc["methods"][method]["auc_a"] == \
+            doc["methods"][method]["auc_b"]
+    for method in ("duet_no_swa", "duet"):
+        assert doc["methods"][method]["diff_max_abs"] < 0.05, doc["methods"][method]
+
+    other = tmp_path / "other"  # the same rows under other session ids: nothing to pair
+    shutil.copytree(runs / "cmp-int8", other)
+    text = (other / "sessions.csv").read_text().splitlines()
+    (other / "sessions.csv").write_text("\n".join([text[0]] + ["x" + line for line in text[1:]]) + "\n")
+    assert main(["compare", str(runs / "cmp-float32"), str(other)]) == 2
+    assert "have no session in common" in capsys.readouterr().err
+    (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed-0" / "results.json").write_text("{}")
+    assert main(["compare", str(tmp_path / "seeds"), str(other)]) == 2
+    assert "a run over seeds; compare its seed-K folders one by one" in capsys.readouterr().err
+
+
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
     """The in-process shards of `duet run --shards 2` (`_memory_sharded`, ``--set`` each of ``settings``) with
     shard 0 SIGKILLed once both are under way: the run must end with an error naming that exit code. The
