@@ -354,23 +354,23 @@ def _load_plugins(plugins: list[str] | None) -> None:
     import importlib.util
 
     for plugin in plugins or []:
-        if not plugin.endswith(".py"):
-            try:
-                importlib.import_module(plugin)
-            except ImportError as exc:
-                raise DuetError(f"--plugin {plugin}: cannot import it ({exc})") from exc
-            continue
         path = Path(plugin)
-        if not path.is_file():
+        if plugin.endswith(".py") and not path.is_file():
             raise DuetError(f"--plugin {plugin}: no such file")
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[path.stem] = module  # as an imported module is: its classes' pickles and dataclasses find it
         try:
-            spec.loader.exec_module(module)
-        except ImportError as exc:
-            del sys.modules[path.stem]
-            raise DuetError(f"--plugin {plugin}: cannot import it ({exc})") from exc
+            if not plugin.endswith(".py"):
+                importlib.import_module(plugin)
+                continue
+            spec = importlib.util.spec_from_file_location(path.stem, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[path.stem] = module  # as an imported module is: its classes' pickles and dataclasses find it
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[path.stem]
+                raise
+        except Exception as exc:  # the plugin's own error (a missing import, a syntax error): named, not a traceback
+            raise DuetError(f"--plugin {plugin}: cannot import it ({type(exc).__name__}: {exc})") from exc
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

@@ -70,7 +70,7 @@ def _read(path: Path) -> tuple[list[str], list[str], np.ndarray, list[str] | Non
             if missing:
                 raise DataError(f"{path}: the header names no {' or '.join(missing)} column (it has "
                                 f"{', '.join(repr(h) for h in header)}; expected {', '.join(COLUMNS)}, "
-                                f"and optionally genres)")
+                                f"and optionally genres, separated by commas)")
             where = [names.index(c) for c in COLUMNS]
             g = names.index("genres") if "genres" in names else None
             width = max(where + [g or 0]) + 1

@@ -199,9 +199,12 @@ def test_a_scenario_on_a_csv_click_log(tmp_path, udata):
 
 def test_a_plugin_that_cannot_be_imported_is_named(tmp_path, capsys):
     (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    (tmp_path / "typo.py").write_text("def (\n")
     for plugin, message in ((str(tmp_path / "missing.py"), "missing.py: no such file"),
-                            (str(tmp_path / "broken.py"), "broken.py: cannot import it (No module named "
-                                                          "'no_such_module_here')"),
+                            (str(tmp_path / "broken.py"), "broken.py: cannot import it (ModuleNotFoundError: No "
+                                                          "module named 'no_such_module_here')"),
+                            (str(tmp_path / "typo.py"), "typo.py: cannot import it (SyntaxError: invalid syntax "
+                                                        "(typo.py, line 1))"),
                             ("no_such_plugin", "--plugin no_such_plugin: cannot import it")):
         assert main(["validate", str(SCENARIOS[0]), "--plugin", plugin]) == 2
         assert message in capsys.readouterr().err
