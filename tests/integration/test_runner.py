@@ -376,8 +376,8 @@ def test_a_plugin_backbone_trains_evaluates_serves_and_runs(scenario_file, tmp_p
 def test_compare_pairs_two_runs_session_by_session(scenario_file, tmp_path, capsys):
     """`duet compare A B`: two runs of the tiny scenario, float32 against int8 replies. The only setting that
     differs is named; every session pairs up; the device-side methods (no reply) score every session the same,
-    the cloud's methods within the int8 rounding. Runs that share no session, and a run over seeds, are
-    refused with what is wrong."""
+    the cloud's methods within the int8 rounding. Two runs over seeds pair seed with seed. Runs that share no
+    session, and a run over seeds against a single run, are refused with what is wrong."""
     import shutil
 
     from duet_bus.cli import main
@@ -406,10 +406,22 @@ def test_compare_pairs_two_runs_session_by_session(scenario_file, tmp_path, caps
     (other / "sessions.csv").write_text("\n".join([text[0]] + ["x" + line for line in text[1:]]) + "\n")
     assert main(["compare", str(runs / "cmp-float32"), str(other)]) == 2
     assert "have no session in common" in capsys.readouterr().err
-    (tmp_path / "seeds" / "seed-0").mkdir(parents=True)
-    (tmp_path / "seeds" / "seed-0" / "results.json").write_text("{}")
-    assert main(["compare", str(tmp_path / "seeds"), str(other)]) == 2
-    assert "a run over seeds; compare its seed-K folders one by one" in capsys.readouterr().err
+
+    # Two runs over seeds: seed with seed, pooled and per seed; one against a single run is refused.
+    for label, encoding in (("cmp-seeds-float32", "float32"), ("cmp-seeds-int8", "int8")):
+        assert main(["run", str(scenario_file), "--seeds", "2", "--output", str(runs / label), "--set",
+                     "bus.kind=memory", "--set", f"cloud.weight_encoding={encoding}"]) == 0
+    capsys.readouterr()
+    assert main(["compare", str(runs / "cmp-seeds-float32"), str(runs / "cmp-seeds-int8"), "--out", str(out)]) == 0
+    assert "seeds 3, 4 pooled" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["seeds"] == [3, 4] and doc["differences"] == ["weight_encoding: 'float32' -> 'int8'"]
+    for method, r in doc["methods"].items():
+        assert r["seeds_compared"] == 2 and r["sessions"] > sessions[method], (method, r)
+        if method in ("base", "finetune"):
+            assert r["changed"] == 0 and r["seed_mean"] == r["seed_std"] == 0 and r["seeds_better"] == 0
+    assert main(["compare", str(runs / "cmp-seeds-int8"), str(runs / "cmp-int8")]) == 2
+    assert "is a run over seeds and the other is not" in capsys.readouterr().err
 
 
 def run_killing_shard_0(scenario_file, tmp_path, label: str, settings: tuple[str, ...] = ()) -> list[Path]:
