@@ -69,8 +69,8 @@ def load_dataset(name: str, path: str | Path | None = None) -> Interactions:
         from duet_bus.data.clicklog import read_click_log
 
         if path is None:
-            raise DataError("dataset csv: give the path of the CSV file (columns user, item, timestamp) with --data-path, "
-                            "or data.path in a scenario")
+            raise DataError("dataset csv: give the path of the CSV file (columns user, item, timestamp) with "
+                            "--data-path, or data.path in a scenario")
         if not Path(path).is_file():
             raise DataError(f"{path}: no such file")
         return read_click_log(Path(path))
