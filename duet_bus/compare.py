@@ -28,7 +28,7 @@ from rich.table import Table
 from duet_bus.errors import DuetError
 from duet_bus.report import LABELS, METRIC_NAMES, by_method, column, read_run, run_metrics
 
-# Where a run's scenario says nothing about what it simulates (its own folder, the dashboard).
+# Keys of a run's scenario that say nothing about what it simulates (its own folder, the dashboard).
 NOT_SETTINGS = ("output", "dashboard")
 
 
@@ -49,7 +49,7 @@ def compare_runs(a: Path, b: Path) -> dict:
         raise DuetError(f"{a} and {b} have no session in common: runs of one scenario with the same seed (and "
                         f"data) simulate the same sessions; these differ in "
                         f"{', '.join(differences(scenario_a, scenario_b)) or 'nothing recorded'}")
-    higher = primary != "logloss"
+    higher = primary != "logloss"  # the primary metrics (AUC, accuracy) are better higher
     methods: dict[str, Any] = {}
     grouped_a, grouped_b = by_method(rows_a), by_method(rows_b)
     for method in [m for m in scenario_a["methods"] if m in grouped_a and m in grouped_b]:
