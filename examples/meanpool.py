@@ -7,7 +7,9 @@ The user head (one 32 x 32 dynamic layer) maps the mean to a user vector; a
 target scores its dot product with the target's embedding. `Backbone`'s
 docstring lists what a backbone implements; PPG, SWA, the bus and the runner
 need nothing else. Its checkpoints record the name ``meanpool``: `duet cloud`,
-`duet devices` and `duet info` take the same ``--plugin``.
+`duet devices` and `duet info` take the same ``--plugin``. Scenarios cache
+trained checkpoints by recipe, the backbone's name included but not its code:
+after changing the code, remove its cached ones (``runs/.checkpoints/meanpool-*``).
 """
 
 import torch

@@ -32,10 +32,13 @@ BACKBONES: dict[str, type["Backbone"]] = {}
 
 
 def register_backbone(name: str):
-    """Class decorator: make a `Backbone` subclass the recommendation backbone ``name``."""
+    """Class decorator: make a `Backbone` subclass the recommendation backbone ``name`` (not a built-in one's
+    name: checkpoints and their cache know a backbone by its name)."""
     def add(cls: type[Backbone]) -> type[Backbone]:
         if not (isinstance(cls, type) and issubclass(cls, Backbone)):
             raise TypeError(f"register_backbone({name!r}): {cls!r} is not a Backbone subclass")
+        if name in BUILT_IN:
+            raise ValueError(f"register_backbone({name!r}): a built-in backbone's name; give yours another")
         BACKBONES[name] = cls
         return cls
     return add
@@ -205,7 +208,8 @@ class DIN(Backbone):
         return _masked_mean(self.item_emb(realtime), realtime_len)
 
 
-BACKBONES.update(din=DIN, sasrec=SASRec, gru4rec=GRU4Rec)  # the built-in ones, in the order tables list them
+BUILT_IN = {"din": DIN, "sasrec": SASRec, "gru4rec": GRU4Rec}  # in the order tables list them
+BACKBONES.update(BUILT_IN)
 
 
 def make_backbone(name: str, n_items: int, history_len: int, dim: int = 32, dropout: float = 0.1) -> Backbone:

@@ -383,3 +383,16 @@ def test_stacking_sessions_layers_keeps_each_sessions_own_whatever_form_it_came_
         # All factored: they stay factored (one shared W2), the per-session parts stacked.
         both = stack_layers([factored, factored])
         assert all(isinstance(layer, Factored) and layer.h.size(0) == 2 for layer in both)
+
+
+def test_register_backbone_takes_only_new_names_and_backbones():
+    from duet_bus.models import Backbone, register_backbone
+
+    class Mine(Backbone):
+        pass
+
+    with pytest.raises(ValueError, match="register_backbone\\('gru4rec'\\): a built-in backbone's name"):
+        register_backbone("gru4rec")(Mine)
+    with pytest.raises(TypeError, match="is not a Backbone subclass"):
+        register_backbone("mine")(object)
+    assert "mine" not in BACKBONES and BACKBONES["gru4rec"].__name__ == "GRU4Rec"
