@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -389,6 +390,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 2 if failed else 0
 
 
+_RUN_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
@@ -420,6 +424,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{' and '.join(several)}: one at a time")
     if args.shard_out and not args.shard:
         raise ConfigError("--shard-out: only with --shard (`duet run --shards N` gives it to its shards)")
+    if args.run_id is not None and not _RUN_ID.fullmatch(args.run_id):
+        raise ConfigError(f"--run-id: 1 to 64 letters, digits, - or _ (it names a folder and the run's records), "
+                          f"got {args.run_id!r}")
     if args.collect:
         return _collect(scenario, args)
     if len(scenario.seeds) > 1:

@@ -72,7 +72,7 @@ def load_dataset(name: str, path: str | Path | None = None) -> Interactions:
             raise DataError("dataset csv: give the path of the CSV file (columns user, item, timestamp) with "
                             "--data-path, or data.path in a scenario")
         if not Path(path).is_file():
-            raise DataError(f"{path}: no such file")
+            raise DataError(f"{path}: {'a folder, not a CSV file' if Path(path).is_dir() else 'no such file'}")
         return read_click_log(Path(path))
     if name not in ("ml-100k", "ml-1m"):
         raise DataError(f"dataset: unknown dataset {name!r}; choose ml-100k, ml-1m or csv")

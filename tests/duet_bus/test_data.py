@@ -189,3 +189,5 @@ def test_a_csv_click_log_that_is_not_text_or_not_given(tmp_path):
         load_dataset("csv")
     with pytest.raises(DataError, match="no such file"):
         load_dataset("csv", tmp_path / "missing.csv")
+    with pytest.raises(DataError, match="a folder, not a CSV file"):
+        load_dataset("csv", tmp_path)

@@ -601,7 +601,9 @@ def test_shard_flags_are_checked(scenario_file, capsys, tmp_path):
                           (["--shard", "0/2", "--run-id", "x", "--shard-out", "x.records"],
                            "--shard-out: only for shards on the in-process bus"),
                           (["--collect", "2", "--run-id", "x", "--set", "bus.kind=memory"],
-                           "--collect: no records of run x in ")):
+                           "--collect: no records of run x in "),
+                          (["--collect", "2", "--run-id", "../x", "--set", "bus.kind=memory"],
+                           "--run-id: 1 to 64 letters, digits, - or _")):
         assert main(["run", str(scenario_file), *args]) == 2
         assert message in capsys.readouterr().err, args
     # In-process shards' records of which one shard's file is missing: named, and nothing written.
