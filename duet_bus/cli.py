@@ -359,18 +359,16 @@ def _load_plugins(plugins: list[str] | None) -> None:
         if plugin.endswith(".py") and not path.is_file():
             raise DuetError(f"--plugin {plugin}: no such file")
         try:
-            if not plugin.endswith(".py"):
-                importlib.import_module(plugin)
-                continue
-            spec = importlib.util.spec_from_file_location(path.stem, path)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[path.stem] = module  # as an imported module is: its classes' pickles and dataclasses find it
-            try:
+            if plugin.endswith(".py"):
+                spec = importlib.util.spec_from_file_location(path.stem, path)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[path.stem] = module  # as an imported module is: its classes' pickles find it
                 spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[path.stem]
-                raise
+            else:
+                importlib.import_module(plugin)
         except Exception as exc:  # the plugin's own error (a missing import, a syntax error): named, not a traceback
+            if plugin.endswith(".py"):
+                sys.modules.pop(path.stem, None)
             raise DuetError(f"--plugin {plugin}: cannot import it ({type(exc).__name__}: {exc})") from exc
 
 
@@ -532,16 +530,9 @@ class _Ticker:
                           f"sessions {state.sessions}  fallbacks {state.fallbacks}")
 
 
-def _is_seeds_folder(out: Path) -> bool:
-    try:
-        return json.loads((out / "results.json").read_text()).get("kind") == "seeds"
-    except (OSError, ValueError, AttributeError):
-        return False  # `rerender` says what is wrong with the folder
-
-
 def cmd_report(args: argparse.Namespace) -> int:
-    from duet_bus.report import (plot_training, rerender, rerender_seeds, run_table, seeds_table, swa_sweep,
-                                 table1, table4)
+    from duet_bus.report import (is_seeds_folder, plot_training, rerender, rerender_seeds, run_table, seeds_table,
+                                 swa_sweep, table1, table4)
 
     out = Path(args.run_dir)
     if out.is_file():  # a `duet evaluate --out` document
@@ -556,7 +547,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         if doc.get("curves"):
             console.print(f"training curves: {plot_training(out.with_suffix('.png'), doc)}")
         return 0
-    if _is_seeds_folder(out):
+    if is_seeds_folder(out):
         doc = rerender_seeds(out)
         console.print(seeds_table(doc))
         console.print(f"re-rendered {out}/results.json from {', '.join(f'seed-{k}' for k in doc['seeds'])}")

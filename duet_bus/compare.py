@@ -26,7 +26,7 @@ import numpy as np
 from rich.table import Table
 
 from duet_bus.errors import DuetError
-from duet_bus.report import LABELS, METRIC_NAMES, by_method, column, read_run, run_metrics
+from duet_bus.report import LABELS, METRIC_NAMES, by_method, column, is_seeds_folder, read_run, run_metrics
 
 # Keys of a run's scenario that say nothing about what it simulates (its own folder, the dashboard).
 NOT_SETTINGS = ("output", "dashboard")
@@ -66,13 +66,10 @@ def compare_runs(a: Path, b: Path) -> dict:
 def _read(run: Path) -> tuple[dict, list[int] | None, list[dict]]:
     """A run folder's scenario, its seeds (a run over seeds; None for one run) and its rows; a run over seeds'
     rows are every seed's, their session ids prefixed with the seed."""
-    try:
-        doc = json.loads((run / "results.json").read_text())
-    except (OSError, ValueError):
-        doc = {}  # `read_run` says what is wrong
-    if not isinstance(doc, dict) or doc.get("kind") != "seeds":
+    if not is_seeds_folder(run):
         doc, rows = read_run(run)
         return doc["scenario"], None, rows
+    doc = json.loads((run / "results.json").read_text())
     rows = [{**r, "session_id": f"{seed}/{r['session_id']}"}
             for seed in doc["seeds"] for r in read_run(run / f"seed-{seed}")[1]]
     return doc["scenario"], list(doc["seeds"]), rows

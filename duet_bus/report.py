@@ -376,6 +376,14 @@ def write_seeds(out: Path, scenario: dict, folders: list[tuple[int, Path]]) -> d
     return doc
 
 
+def is_seeds_folder(out: Path) -> bool:
+    """Whether ``out`` holds a run over seeds (its ``results.json`` of kind ``seeds``, a ``seed-K`` folder each)."""
+    try:
+        return json.loads((out / "results.json").read_text()).get("kind") == "seeds"
+    except (OSError, ValueError, AttributeError):
+        return False  # not one: reading it as a single run says what is wrong with the folder
+
+
 def rerender_seeds(out: Path) -> dict:
     """`duet report` on a folder of a run over seeds: recompute its report from the seeds' folders."""
     doc = json.loads((out / "results.json").read_text())
